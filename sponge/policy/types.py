@@ -1,0 +1,55 @@
+"""What a policy sees and what it answers. Pure data: no I/O, no clocks (DESIGN §2, §4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A configuration for the next interval: CPU per replica (millicores), batch size, replicas."""
+
+    cpu_m: int
+    batch: int
+    replicas: int = 1
+    feasible: bool = True  # False: nothing in the action space meets every budget; this is the best effort
+    explanation: str = ""  # human-readable reason, for the decision log
+
+    @property
+    def total_cpu_m(self) -> int:
+        return self.cpu_m * self.replicas
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the controller measured over the last interval(s), on the server's own clock.
+
+    now_ms: monotonic time of the observation.
+    interval_ms: the adaptation interval.
+    arrival_rate_rps: requests per second arrived over the last interval.
+    rate_history_rps: per-interval arrival rates, oldest first (the last one equals arrival_rate_rps).
+    budgets_ms: server-side budgets (slo - network) of requests that arrived in the recent window.
+    queue_remaining_ms: for each queued request in EDF order, deadline - now (may be negative).
+    current: the decision in force.
+    cpu_usage_m: measured CPU usage of each replica over the last interval (for usage-based baselines).
+    replicas_starting: replicas ordered but not ready yet (cold start in progress).
+    """
+
+    now_ms: float
+    interval_ms: float
+    arrival_rate_rps: float
+    rate_history_rps: tuple[float, ...]
+    budgets_ms: tuple[float, ...]
+    queue_remaining_ms: tuple[float, ...]
+    current: Decision
+    cpu_usage_m: tuple[float, ...] = field(default_factory=tuple)
+    replicas_starting: int = 0
+
+
+class Policy(Protocol):
+    """Pure decision rule, called once per adaptation interval by the live controller and the simulator."""
+
+    name: str
+
+    def decide(self, obs: Observation) -> Decision: ...
