@@ -1,0 +1,64 @@
+"""The one configuration object: validated, laptop-friendly defaults, loadable from a TOML/JSON
+file, with environment variables (SPONGE_<FIELD>) and then CLI flags on top."""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ServerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    model: str | None = Field(None, description="path to an .onnx model; default: the packaged EfficientNet-Lite0")
+    model_name: str | None = Field(None, description="name the model is served under (default: from the file)")
+    default_slo_ms: float = Field(1000.0, gt=0, le=3_600_000)
+    max_clock_skew_ms: float = Field(
+        2000.0, ge=0, description="sent_at may be this far in the future before it is refused"
+    )
+    expiry_policy: Literal["reject", "serve_late"] = "reject"
+    queue_capacity: int = Field(1024, ge=1, le=1_000_000)
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_request_batch: int = Field(64, ge=1, description="largest batch one request may carry")
+    batch: int = Field(8, ge=1, le=1024, description="batch size (the controller may change it)")
+    max_batch: int = Field(32, ge=1, le=1024, description="largest batch the controller may choose")
+    max_batch_wait_ms: float = Field(
+        0.0, ge=0, description="longest wait for a fuller batch (slack permitting); 0 = greedy: a free replica takes what is queued"
+    )
+    replicas: int = Field(1, ge=1, le=64)
+    cpu_m: int | None = Field(None, ge=1, description="CPU per replica in millicores (default: all cores)")
+    min_cpu_m: int = Field(100, ge=1)
+    actuator: Literal["auto", "cgroup-v2", "cgroup-v1", "affinity", "none"] = "auto"
+    policy: Literal["sponge", "paper", "static"] = "sponge"
+    interval_ms: float = Field(1000.0, gt=0)
+    admin_token: str | None = Field(None, description="bearer token for /admin endpoints (unset: admin disabled)")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> "ServerConfig":
+        """File, then SPONGE_* environment variables, then explicit overrides (CLI flags)."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            p = Path(path)
+            text = p.read_text()
+            data.update(tomllib.loads(text) if p.suffix == ".toml" else json.loads(text))
+        for name in cls.model_fields:
+            env = os.environ.get(f"SPONGE_{name.upper()}")
+            if env is not None:
+                data[name] = env
+        data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the field."""

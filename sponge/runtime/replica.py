@@ -1,0 +1,186 @@
+"""Server-side handle of one replica worker process: start, feed batches, notice death, restart."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing as mp
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from sponge.runtime.base import TensorSpec
+from sponge.runtime.worker import worker_main
+
+log = logging.getLogger("sponge.replica")
+START_TIMEOUT_S = 60.0
+
+
+class ReplicaDied(Exception):
+    """The worker process exited while a batch was in flight."""
+
+
+class ReplicaError(Exception):
+    """The runtime raised on a batch (the worker keeps running)."""
+
+
+@dataclass
+class BatchResult:
+    outputs: dict[str, np.ndarray]
+    infer_ms: float
+    threads: int
+
+
+class Replica:
+    """One model-server process, fed one whole batch at a time."""
+
+    def __init__(self, name: str, model_path: str, threads: int, max_threads: int,
+                 follow_own_limit: bool = True, on_start: Callable[["Replica"], None] | None = None) -> None:
+        self.name = name
+        self.model_path = model_path
+        self.threads = threads
+        self.max_threads = max_threads
+        self.follow_own_limit = follow_own_limit
+        self.on_start = on_start
+        self.on_death: Callable[["Replica"], None] | None = None
+        self.inputs: list[TensorSpec] = []
+        self.outputs: list[TensorSpec] = []
+        self.labels: list[str] | None = None
+        self.restarts = 0
+        self._proc: Any = None
+        self._conn: Any = None
+        self._ids = itertools.count()
+        self._pending: dict[int, asyncio.Future[BatchResult]] = {}
+        self._ready = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._pending)
+
+    async def start(self) -> None:
+        """Spawn the worker and wait until its model is loaded."""
+        self._loop = asyncio.get_running_loop()
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe(duplex=True)
+        proc = ctx.Process(target=worker_main, name=f"sponge-{self.name}",
+                           args=(child, self.model_path, self.threads, self.max_threads, self.follow_own_limit),
+                           daemon=True)
+        proc.start()
+        child.close()
+        ok = await self._loop.run_in_executor(None, parent.poll, START_TIMEOUT_S)
+        if not ok:
+            proc.kill()
+            raise RuntimeError(f"replica {self.name} did not start within {START_TIMEOUT_S:.0f} s")
+        try:
+            msg = parent.recv()
+        except EOFError:
+            raise RuntimeError(f"replica {self.name} exited during start (exit code {proc.exitcode})") from None
+        if msg[0] != "ready":
+            proc.join(5)
+            raise RuntimeError(f"replica {self.name} failed to load the model: {msg[1]}")
+        info = msg[1]
+        self.inputs, self.outputs, self.labels = info["inputs"], info["outputs"], info["labels"]
+        self._proc, self._conn = proc, parent
+        self._loop.add_reader(parent.fileno(), self._on_message)
+        self._ready.set()
+        log.info("replica %s started (pid %d, %d threads)", self.name, proc.pid, self.threads)
+        if self.on_start is not None:
+            self.on_start(self)
+
+    def _on_message(self) -> None:
+        try:
+            msg = self._conn.recv()
+        except (EOFError, OSError):
+            self._on_death()
+            return
+        kind, batch_id = msg[0], msg[1]
+        fut = self._pending.pop(batch_id, None)
+        if fut is None or fut.done():
+            return
+        if kind == "result":
+            fut.set_result(BatchResult(msg[2], msg[3], msg[4]))
+        else:
+            fut.set_exception(ReplicaError(msg[2]))
+
+    def _on_death(self) -> None:
+        assert self._loop is not None
+        if self._conn is not None:
+            self._loop.remove_reader(self._conn.fileno())
+            self._conn.close()
+            self._conn = None
+        self._ready.clear()
+        code = self._proc.exitcode if self._proc is not None else None
+        if self._proc is not None:
+            self._proc.join(1)
+            code = self._proc.exitcode
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(ReplicaDied(f"replica {self.name} died (exit code {code})"))
+        self._pending.clear()
+        log.warning("replica %s died (exit code %s)", self.name, code)
+        if self.on_death is not None:
+            self.on_death(self)
+
+    async def infer(self, inputs: dict[str, np.ndarray]) -> BatchResult:
+        if not self.ready or self._conn is None:
+            raise ReplicaDied(f"replica {self.name} is not running")
+        assert self._loop is not None
+        batch_id = next(self._ids)
+        fut: asyncio.Future[BatchResult] = self._loop.create_future()
+        self._pending[batch_id] = fut
+        try:
+            self._conn.send(("infer", batch_id, inputs))
+        except (BrokenPipeError, OSError):
+            self._pending.pop(batch_id, None)
+            self._on_death()
+            raise ReplicaDied(f"replica {self.name} died") from None
+        return await fut
+
+    def set_threads(self, n: int) -> None:
+        self.threads = n
+        if self._conn is not None:
+            try:
+                self._conn.send(("threads", n))
+            except (BrokenPipeError, OSError):
+                pass
+
+    async def restart(self) -> None:
+        await self.stop()
+        self.restarts += 1
+        await self.start()
+
+    async def stop(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.send(("stop",))
+            except (BrokenPipeError, OSError):
+                pass
+            assert self._loop is not None
+            self._loop.remove_reader(self._conn.fileno())
+            self._conn.close()
+            self._conn = None
+        if self._proc is not None:
+            proc = self._proc
+            await asyncio.get_running_loop().run_in_executor(None, proc.join, 5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(2)
+        self._ready.clear()
+        self._proc = None
+
+    def kill(self) -> None:
+        """Hard-kill the worker (tests of crash handling)."""
+        if self._proc is not None and self._proc.pid:
+            os.kill(self._proc.pid, 9)

@@ -1,0 +1,85 @@
+"""Earliest-deadline-first request queue: a bounded binary heap keyed by (deadline, arrival order).
+
+Pure data structure (no clocks, no I/O): times are passed in, in milliseconds on one monotonic clock.
+The live server and the simulator use the same class.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+from typing import Generic, Iterator, TypeVar
+
+T = TypeVar("T")
+
+
+class QueueFull(Exception):
+    """The queue holds `capacity` requests already; the caller should answer 503 + Retry-After."""
+
+
+@dataclass(order=True)
+class Entry(Generic[T]):
+    """One queued request. Ordering key: deadline, then arrival sequence (FIFO among equal deadlines)."""
+
+    deadline_ms: float
+    seq: int
+    arrival_ms: float = field(compare=False)
+    payload: T = field(compare=False)
+
+
+class EDFQueue(Generic[T]):
+    """Bounded EDF queue. `push` is O(log n); `pop` takes the earliest deadline."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self._heap: list[Entry[T]] = []
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def __bool__(self) -> bool:
+        return bool(self._heap)
+
+    def __iter__(self) -> Iterator[Entry[T]]:
+        """Entries in EDF order (a sorted copy; O(n log n), for observation, not the hot path)."""
+        return iter(sorted(self._heap))
+
+    def push(self, payload: T, deadline_ms: float, arrival_ms: float) -> Entry[T]:
+        if len(self._heap) >= self.capacity:
+            raise QueueFull(f"queue is full ({self.capacity} requests waiting)")
+        entry = Entry(deadline_ms, next(self._seq), arrival_ms, payload)
+        heapq.heappush(self._heap, entry)
+        return entry
+
+    def peek(self) -> Entry[T] | None:
+        return self._heap[0] if self._heap else None
+
+    def pop(self) -> Entry[T]:
+        return heapq.heappop(self._heap)
+
+    def pop_many(self, n: int) -> list[Entry[T]]:
+        """Up to `n` entries from the head, in EDF order."""
+        out = []
+        while self._heap and len(out) < n:
+            out.append(heapq.heappop(self._heap))
+        return out
+
+    def remove(self, entry: Entry[T]) -> bool:
+        """Remove a specific entry (e.g. its client went away). O(n); returns False if absent."""
+        try:
+            i = self._heap.index(entry)
+        except ValueError:
+            return False
+        last = self._heap.pop()
+        if i < len(self._heap):
+            self._heap[i] = last
+            heapq.heapify(self._heap)
+        return True
+
+    def remaining_ms(self, now_ms: float) -> list[float]:
+        """deadline - now of every queued request, in EDF order (the controller's backlog view)."""
+        return sorted(e.deadline_ms - now_ms for e in self._heap)

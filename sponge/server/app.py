@@ -1,0 +1,182 @@
+"""The ASGI front door: Open Inference Protocol V2 over HTTP, per-request SLOs, metrics.
+
+Thin on purpose: parsing/encoding lives in sponge.protocol, admission and batching in ServingCore.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from sponge import __version__
+from sponge.protocol import openapi_docs
+from sponge.protocol.v2 import (
+    HEADER_LENGTH,
+    ProtocolError,
+    check_inputs,
+    classify,
+    encode_infer_response,
+    parse_infer_request,
+)
+from sponge.runtime.base import TensorSpec
+from sponge.server.core import DeadlineExpired, InferenceFailed, ServerBusy, ServingCore
+from sponge.server.slo import request_budget
+
+EXTENSIONS = ["binary_tensor_data", "classification", "sponge_dynamic_slo"]
+
+
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps({"error": message}), status_code=status, media_type="application/json",
+                    headers=headers)
+
+
+def _spec_doc(s: TensorSpec) -> dict[str, Any]:
+    return {"name": s.name, "datatype": s.datatype, "shape": list(s.shape)}
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """Read the body, refusing (413) beyond `limit` bytes without buffering the excess."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"body of {declared} bytes exceeds the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(core: ServingCore, *, max_body_bytes: int, default_slo_ms: float, max_clock_skew_ms: float,
+               max_request_batch: int, lifespan: Any = None) -> FastAPI:
+    app = FastAPI(title="Sponge", version=__version__, lifespan=lifespan,
+                  description="Open Inference Protocol (V2) server with per-request dynamic SLOs.")
+    app.state.core = core
+    name = core.model_name
+    metrics = core.metrics
+
+    def model_known(model_name: str) -> Response | None:
+        if model_name != name:
+            return error(404, f"model '{model_name}' is not served here (available: '{name}')")
+        return None
+
+    def ready() -> bool:
+        return any(r.ready for r in core.replicas)
+
+    @app.get("/v2", tags=["v2"], summary="Server metadata")
+    async def server_metadata() -> dict[str, Any]:
+        return {"name": "sponge", "version": __version__, "extensions": EXTENSIONS}
+
+    @app.get("/v2/health/live", tags=["v2"], summary="Liveness")
+    async def live() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/v2/health/ready", tags=["v2"], summary="Readiness (a replica can serve)")
+    async def server_ready() -> Response:
+        return Response(status_code=200 if ready() else 503)
+
+    @app.get("/v2/models/{model_name}", tags=["v2"], summary="Model metadata")
+    @app.get("/v2/models/{model_name}/versions/{version}", tags=["v2"], include_in_schema=False)
+    async def model_metadata(model_name: str, version: str | None = None) -> Response:
+        if (resp := model_known(model_name)) is not None:
+            return resp
+        r = core.replicas[0]
+        doc = {"name": name, "versions": ["1"], "platform": "onnxruntime_onnx",
+               "inputs": [_spec_doc(s) for s in r.inputs], "outputs": [_spec_doc(s) for s in r.outputs]}
+        return Response(orjson.dumps(doc), media_type="application/json")
+
+    @app.get("/v2/models/{model_name}/ready", tags=["v2"], summary="Model readiness")
+    @app.get("/v2/models/{model_name}/versions/{version}/ready", tags=["v2"], include_in_schema=False)
+    async def model_ready(model_name: str, version: str | None = None) -> Response:
+        if (resp := model_known(model_name)) is not None:
+            return resp
+        return Response(status_code=200 if ready() else 503)
+
+    @app.post("/v2/models/{model_name}/infer", tags=["v2"], summary="Inference",
+              openapi_extra=openapi_docs.INFER_OPERATION)
+    @app.post("/v2/models/{model_name}/versions/{version}/infer", tags=["v2"], include_in_schema=False)
+    async def infer(model_name: str, request: Request, version: str | None = None) -> Response:
+        arrival_ms = core.clock()
+        if (resp := model_known(model_name)) is not None:
+            metrics.requests.labels(name, "invalid").inc()
+            return resp
+        try:
+            body = await read_body(request, max_body_bytes)
+        except BodyTooLarge as exc:
+            metrics.requests.labels(name, "invalid").inc()
+            return error(413, str(exc))
+        replica = core.replicas[0]
+        try:
+            hl = request.headers.get(HEADER_LENGTH)
+            if hl is not None and not hl.strip().isdigit():
+                raise ProtocolError(f"header 'Inference-Header-Content-Length' must be an integer, got {hl!r}")
+            req = parse_infer_request(body, int(hl) if hl is not None else None)
+            items = check_inputs(req.inputs, replica.inputs, max_request_batch)
+            out_names = {s.name for s in replica.outputs}
+            for o in req.outputs:
+                if o.name not in out_names:
+                    raise ProtocolError(f"output '{o.name}' is not an output of this model "
+                                        f"(expected {sorted(out_names)})")
+            budget = request_budget(req.parameters, request.headers, arrival_ms, time.time(),
+                                    default_slo_ms, max_clock_skew_ms)
+        except ProtocolError as exc:
+            metrics.requests.labels(name, "invalid").inc()
+            return error(exc.status, exc.message)
+        metrics.budget.labels(name).observe(max(0.0, budget.budget_ms) / 1000.0)
+        try:
+            pending = core.submit(req.inputs, items, budget, arrival_ms)
+            served = await asyncio.shield(pending.future)
+        except DeadlineExpired as exc:
+            metrics.requests.labels(name, "expired").inc()
+            return error(504, f"deadline exceeded: {exc}")
+        except ServerBusy as exc:
+            metrics.requests.labels(name, "rejected").inc()
+            return error(503, f"server busy: {exc}", {"Retry-After": str(exc.retry_after_s)})
+        except InferenceFailed as exc:
+            metrics.requests.labels(name, "error").inc()
+            return error(500, f"inference failed: {exc}")
+        server_ms = core.clock() - arrival_ms
+        met = server_ms <= budget.budget_ms
+        metrics.requests.labels(name, "ok" if met else "late").inc()
+        metrics.server_latency.labels(name).observe(server_ms / 1000.0)
+        metrics.queue_time.labels(name).observe(served.queue_ms / 1000.0)
+        outputs = []
+        if req.outputs:
+            for o in req.outputs:
+                arr = served.outputs[o.name]
+                if o.classification:
+                    arr = classify(arr, o.classification, replica.labels)
+                outputs.append((o.name, arr, o.binary))
+        else:
+            outputs = [(k, v, req.binary_output_default) for k, v in served.outputs.items()]
+        params = {
+            "slo_ms": budget.slo_ms, "network_ms": round(budget.network_ms, 3),
+            "budget_ms": round(budget.budget_ms, 3), "server_ms": round(server_ms, 3),
+            "queue_ms": round(served.queue_ms, 3), "infer_ms": round(served.infer_ms, 3),
+            "batch_size": served.batch_size, "cpu_m": served.cpu_m, "deadline_met": met,
+        }
+        body_out, headers = encode_infer_response(name, None, req.id, outputs, params)
+        return Response(body_out, headers=headers)
+
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")
+    async def prometheus() -> Response:
+        metrics.queue_length.labels(name).set(len(core.queue))
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:  # keep serving, say what broke
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+
+    return app

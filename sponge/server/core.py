@@ -1,0 +1,193 @@
+"""The serving core: admission into the EDF queue, one dispatch loop per replica, results routed
+back to waiting requests. No HTTP here (the ASGI app in app.py is a thin layer on top)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from sponge.runtime.replica import Replica, ReplicaDied, ReplicaError
+from sponge.scheduling.batcher import Batcher, Dispatch, ExpiryPolicy
+from sponge.scheduling.edf import EDFQueue, Entry, QueueFull
+from sponge.scheduling.estimate import OnlineServiceEstimate
+from sponge.server.metrics import Metrics
+from sponge.server.slo import Budget
+
+log = logging.getLogger("sponge.core")
+
+__all__ = ["ServingCore", "Pending", "Served", "DeadlineExpired", "ServerBusy", "InferenceFailed", "QueueFull"]
+
+
+class DeadlineExpired(Exception):
+    """The request cannot be answered within its budget (expiry policy `reject`)."""
+
+
+class ServerBusy(Exception):
+    """The queue is full; `retry_after_s` says when to try again."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class InferenceFailed(Exception):
+    """The replica failed on the batch or died with it in flight."""
+
+
+@dataclass
+class Served:
+    outputs: dict[str, np.ndarray]
+    batch_size: int
+    queue_ms: float
+    infer_ms: float
+    cpu_m: int
+    replica: str
+
+
+@dataclass
+class Pending:
+    inputs: dict[str, np.ndarray]
+    items: int  # first-axis size of this request's tensors
+    budget: Budget
+    arrival_ms: float
+    future: asyncio.Future[Served] = field(repr=False)
+
+
+def monotonic_ms() -> float:
+    return time.monotonic() * 1000.0
+
+
+class ServingCore:
+    """Queue + batcher + replicas. `submit` admits a request; dispatch loops serve the queue."""
+
+    def __init__(self, model_name: str, replicas: list[Replica], batch: int, queue_capacity: int,
+                 expiry: ExpiryPolicy, max_wait_ms: float, metrics: Metrics, cpu_m: int,
+                 clock: Callable[[], float] = monotonic_ms) -> None:
+        self.model_name = model_name
+        self.replicas = replicas
+        self.metrics = metrics
+        self.clock = clock
+        self.queue: EDFQueue[Pending] = EDFQueue(queue_capacity)
+        self.estimate = OnlineServiceEstimate()
+        self.batcher = Batcher(batch, self.estimate, expiry, max_wait_ms)
+        self.cpu_m = {r.name: cpu_m for r in replicas}
+        self._wakeup = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        self.arrivals = 0  # total admitted + refused, for the controller's rate observation
+        self.recent_budgets: list[float] = []  # budgets of requests since the controller last looked
+        metrics.configured_batch.labels(model_name).set(batch)
+
+    # ---- admission -------------------------------------------------------------------------
+    def submit(self, inputs: dict[str, np.ndarray], items: int, budget: Budget, arrival_ms: float) -> Pending:
+        """Admit a request or raise DeadlineExpired / ServerBusy. The caller awaits `pending.future`."""
+        self.arrivals += 1
+        if len(self.recent_budgets) < 100_000:  # bounded even if no controller drains it
+            self.recent_budgets.append(budget.budget_ms)
+        now = self.clock()
+        if self.batcher.expiry is ExpiryPolicy.REJECT and budget.deadline_ms < now + self.estimate(1):
+            raise DeadlineExpired(
+                f"budget {budget.budget_ms:.1f} ms (slo {budget.slo_ms:.0f} - network {budget.network_ms:.0f}) "
+                f"cannot be met: one inference takes ~{self.estimate(1):.1f} ms"
+            )
+        pending = Pending(inputs, items, budget, arrival_ms, asyncio.get_running_loop().create_future())
+        try:
+            self.queue.push(pending, budget.deadline_ms, arrival_ms)
+        except QueueFull as exc:
+            per_req_ms = self.estimate(self.batcher.batch_size) / max(1, self.batcher.batch_size)
+            drain_s = len(self.queue) * per_req_ms / 1000.0 / max(1, len(self.replicas))
+            raise ServerBusy(str(exc), max(1, math.ceil(drain_s))) from None
+        self.metrics.queue_length.labels(self.model_name).set(len(self.queue))
+        self._wakeup.set()
+        return pending
+
+    # ---- dispatch ---------------------------------------------------------------------------
+    def start(self) -> None:
+        for r in self.replicas:
+            r.on_death = lambda _r: self._wakeup.set()
+            self._tasks.append(asyncio.create_task(self._serve(r), name=f"dispatch-{r.name}"))
+
+    async def close(self) -> None:
+        self._closing = True
+        self._wakeup.set()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self.queue:
+            e = self.queue.pop()
+            if not e.payload.future.done():
+                e.payload.future.set_exception(InferenceFailed("server is shutting down"))
+        for r in self.replicas:
+            await r.stop()
+
+    def set_batch(self, b: int) -> None:
+        self.batcher.batch_size = b
+        self.metrics.configured_batch.labels(self.model_name).set(b)
+        self._wakeup.set()
+
+    def _expire(self, entry: Entry[Pending], now: float) -> None:
+        p = entry.payload
+        if not p.future.done():
+            p.future.set_exception(DeadlineExpired(
+                f"deadline passed in the queue: waited {now - p.arrival_ms:.1f} ms of a "
+                f"{p.budget.budget_ms:.1f} ms budget"))
+
+    async def _serve(self, replica: Replica) -> None:
+        while not self._closing:
+            if not replica.ready:
+                await self._restart(replica)
+                continue
+            now = self.clock()
+            action = self.batcher.next_action(self.queue, now)
+            for e in action.expired:
+                self._expire(e, now)
+            if isinstance(action.step, Dispatch):
+                self.metrics.queue_length.labels(self.model_name).set(len(self.queue))
+                await self._execute(replica, action.step.entries)
+                continue
+            self._wakeup.clear()
+            timeout = None if action.step.until_ms is None else max(0.0, (action.step.until_ms - now) / 1000.0)
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    async def _restart(self, replica: Replica) -> None:
+        self.metrics.replica_restarts.labels(replica.name).inc()
+        try:
+            await replica.restart()
+        except Exception:  # keep trying: the queue must not be stranded
+            log.exception("replica %s failed to restart; retrying in 1 s", replica.name)
+            await asyncio.sleep(1.0)
+
+    async def _execute(self, replica: Replica, entries: list[Entry[Pending]]) -> None:
+        start = self.clock()
+        pendings = [e.payload for e in entries]
+        names = list(pendings[0].inputs)
+        if len(pendings) == 1:
+            inputs = pendings[0].inputs
+        else:
+            inputs = {n: np.concatenate([p.inputs[n] for p in pendings]) for n in names}
+        try:
+            result = await replica.infer(inputs)
+        except (ReplicaDied, ReplicaError) as exc:
+            for p in pendings:
+                if not p.future.done():
+                    p.future.set_exception(InferenceFailed(str(exc)))
+            return
+        self.estimate.observe(len(pendings), result.infer_ms)
+        self.metrics.batch_size.labels(self.model_name).observe(len(pendings))
+        self.metrics.batch_latency.labels(self.model_name).observe(result.infer_ms / 1000.0)
+        offset = 0
+        for p in pendings:
+            part = {k: v[offset: offset + p.items] for k, v in result.outputs.items()}
+            offset += p.items
+            if not p.future.done():
+                p.future.set_result(Served(part, len(pendings), start - p.arrival_ms, result.infer_ms,
+                                           self.cpu_m[replica.name], replica.name))

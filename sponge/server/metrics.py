@@ -1,0 +1,40 @@
+"""Prometheus metrics (DESIGN §6): names start with `sponge_`, units in the name."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Metrics:
+    """All metrics of one server instance, in their own registry (tests run several servers)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("sponge_requests", "Inference requests by outcome "
+                                "(ok, late, expired, rejected, invalid, error)", ["model", "outcome"], registry=r)
+        self.server_latency = Histogram("sponge_request_server_latency_seconds",
+                                        "Time from arrival to response, in the server", ["model"],
+                                        buckets=LATENCY_BUCKETS_S, registry=r)
+        self.budget = Histogram("sponge_request_budget_seconds", "Server-side budget (slo - network) of requests",
+                                ["model"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.queue_time = Histogram("sponge_request_queue_seconds", "Time a request waited in the EDF queue",
+                                    ["model"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.queue_length = Gauge("sponge_queue_length", "Requests waiting in the EDF queue", ["model"], registry=r)
+        self.batch_size = Histogram("sponge_batch_size", "Requests per executed batch", ["model"],
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.batch_latency = Histogram("sponge_batch_inference_seconds", "Runtime time per batch", ["model"],
+                                       buckets=LATENCY_BUCKETS_S, registry=r)
+        self.configured_batch = Gauge("sponge_batch_size_target", "Batch size in force", ["model"], registry=r)
+        self.cpu = Gauge("sponge_replica_cpu_millicores", "CPU allocated per replica", ["replica"], registry=r)
+        self.threads = Gauge("sponge_replica_threads", "Runtime threads per replica", ["replica"], registry=r)
+        self.replicas = Gauge("sponge_replicas", "Replicas running", registry=r)
+        self.replica_restarts = Counter("sponge_replica_restarts", "Replica processes restarted after dying",
+                                        ["replica"], registry=r)
+        self.decisions = Counter("sponge_decisions", "Controller decisions by policy and feasibility",
+                                 ["policy", "feasible"], registry=r)
+        self.resize_duration = Histogram("sponge_resize_duration_seconds", "Time to apply a CPU change",
+                                         buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0), registry=r)
+        self.arrival_rate = Gauge("sponge_arrival_rate_rps", "Arrival rate over the last interval", registry=r)
