@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from sponge.config import ServerConfig
 from sponge.runtime.replica import Replica
 from sponge.scheduling.batcher import ExpiryPolicy
+from sponge.server.admin import install_admin
 from sponge.server.app import create_app
 from sponge.server.core import ServingCore
 from sponge.server.metrics import Metrics
@@ -63,9 +64,11 @@ def build_app(cfg: ServerConfig) -> FastAPI:
         finally:
             await core.close()
 
-    return create_app(core, max_body_bytes=cfg.max_body_bytes, default_slo_ms=cfg.default_slo_ms,
-                      max_clock_skew_ms=cfg.max_clock_skew_ms, max_request_batch=cfg.max_request_batch,
-                      lifespan=lifespan)
+    app = create_app(core, max_body_bytes=cfg.max_body_bytes, default_slo_ms=cfg.default_slo_ms,
+                     max_clock_skew_ms=cfg.max_clock_skew_ms, max_request_batch=cfg.max_request_batch,
+                     lifespan=lifespan)
+    install_admin(app, core, cfg.admin_token)
+    return app
 
 
 def run(cfg: ServerConfig) -> None:
