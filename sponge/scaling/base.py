@@ -5,6 +5,10 @@ from __future__ import annotations
 from typing import Protocol
 
 
+class ActuatorError(RuntimeError):
+    """An actuator could not do what was asked; the message names the file or call that failed."""
+
+
 class CpuActuator(Protocol):
     """Changes the CPU allocation of one running replica process without restarting it.
 
@@ -29,4 +33,16 @@ class CpuActuator(Protocol):
 
     def close(self) -> None:
         """Release what was created (cgroup directories, affinity), idempotently."""
+        ...
+
+
+class CpuUsageMeter(Protocol):
+    """Something that can say how much CPU the replica really used (for benchmarks, VPA-like policies).
+
+    All actuators in sponge.scaling implement it; it is separate from CpuActuator so that test fakes
+    of an actuator need not.
+    """
+
+    def cpu_usage_ns(self) -> int:
+        """Cumulative CPU time consumed by the attached process(es), in nanoseconds."""
         ...

@@ -1,0 +1,163 @@
+"""The feasibility arithmetic behind SpongeOptimizer, pure and reusable (the simulator's oracle uses it).
+
+The rule ("EDF batch rule"), for one replica serving batches of at most `b` at `c` millicores:
+
+1. Jobs. The work the configuration must serve, in EDF order, as deadlines in ms from now:
+   - the backlog: each queued request's remaining time (deadline - now);
+   - the predicted arrivals: a stream at the predicted rate `load` whose budgets follow the measured
+     budget distribution F (the recent `budgets_ms` samples). A request arriving at time u with budget x
+     has deadline u + x, so the number of arrivals with deadline <= L is
+         n(L) = load * integral_0^L F(x) dx = load * mean(max(0, L - budget_i)),
+     and the i-th arrival in EDF order has deadline n^-1(i). Tight budgets come first and rare tight
+     requests are spread out in time; loose requests can wait behind them. With a burst allowance z the
+     count is inflated to n + z*sqrt(n) (a Poisson stream's one-sigma excess), pulling deadlines earlier.
+   Every deadline is multiplied by `safety` (0.9, the paper's margin for model error). Arrivals are
+   generated up to one interval plus the largest budget, the work the next decision cannot revisit.
+2. Batches. EDF serves job j in batch floor(j/b); batch k finishes at (k + 1 + blocking) * l(b, c): one
+   batch may already be running when the jobs arrive (non-preemptive blocking, approximated by one batch
+   of the candidate configuration, since an in-place resize speeds the running batch up too), then the
+   k+1 batches up to and including its own. All jobs of a batch finish together, so the binding job of
+   batch k is its tightest, the first one: deadline d[k*b].
+3. Feasible iff, for every batch k,  (k + 1 + blocking) * l(b, c) <= d[k*b],  and  h(b, c) >= load
+   (beyond the horizon the queue must not grow). Equivalently  l(b, c) <= bound_b  where
+       bound_b = min( min_k d[k*b] / (k + 1 + blocking),  1000 * b / load ).
+   That is a single number per batch size, so the optimizer's search over (b, c) is a table lookup.
+4. Written-off jobs. A job whose deadline is below `floor_ms` (the optimizer uses l(1, max_cpu): it cannot
+   be met even if served next, alone, at full speed) can be saved by no configuration; it still occupies
+   its place in the EDF order (its work is counted) but imposes no constraint. This matches the queue's
+   policy for hopeless requests and stops one lost request from pinning the allocation at its maximum.
+
+With one budget value and all load arriving at once (no spreading, blocking 0) this is exactly the
+paper's rule `k*l + l <= 0.9*budget_min`; the differences are the budget distribution, arrivals spread
+over time at the predicted rate, the backlog, and the running batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from sponge.perf.latency_model import LatencyModel
+
+
+@dataclass(frozen=True)
+class Workload:
+    """EDF-ordered deadlines (ms from now, safety applied, ascending) and what they are made of."""
+
+    deadlines_ms: np.ndarray
+    n_written_off: int  # leading deadlines below the floor: counted as work, not as constraints
+    load_rps: float  # rate the configuration must sustain (already including any headroom)
+    n_backlog: int
+    n_arrivals: int
+
+    @property
+    def n_jobs(self) -> int:
+        return int(self.deadlines_ms.size)
+
+
+@dataclass(frozen=True)
+class Check:
+    """Result of checking one (batch, cpu) against a Workload."""
+
+    feasible: bool
+    worst_slack_ms: float  # min over batches of deadline - finish; +inf when nothing constrains
+    throughput_rps: float
+    load_rps: float
+
+
+def arrival_deadlines(
+    budgets_ms: Sequence[float] | np.ndarray,
+    load_rps: float,
+    *,
+    horizon_ms: float,
+    burst_z: float = 0.0,
+) -> np.ndarray:
+    """EDF-ordered deadlines (ms from now) of a stream at `load_rps` with budgets drawn from `budgets_ms`.
+
+    Generates the arrivals whose deadline falls before `horizon_ms`, and always at least one (a request
+    with the tightest budget may arrive at any time, even at zero predicted load).
+    """
+    s = np.sort(np.asarray(budgets_ms, dtype=float))
+    m = s.size
+    if m == 0:
+        return np.empty(0)
+    rate = max(load_rps, 0.0) / 1000.0  # per ms
+    if rate == 0.0:
+        return s[:1].copy()
+    prefix = np.concatenate(([0.0], np.cumsum(s)[:-1]))
+    n_knots = rate * (np.arange(m) * s - prefix) / m  # n(L) at L = s_k; n(L) grows with slope rate*F(L)
+    n_last = float(n_knots[-1])
+    n_h = n_last + rate * max(horizon_ms - s[-1], 0.0)
+    n_jobs = int(math.floor(n_h + burst_z * math.sqrt(n_h))) + 1
+    i = np.arange(n_jobs, dtype=float)
+    x = ((np.sqrt(burst_z * burst_z + 4.0 * i) - burst_z) / 2.0) ** 2 if burst_z > 0 else i
+    inside = np.interp(x, n_knots, s)
+    beyond = s[-1] + (x - n_last) / rate
+    return np.where(x <= n_last, inside, beyond)
+
+
+def build_workload(
+    budgets_ms: Sequence[float],
+    queue_remaining_ms: Sequence[float],
+    load_rps: float,
+    *,
+    interval_ms: float = 1000.0,
+    safety: float = 0.9,
+    burst_z: float = 0.0,
+    floor_ms: float = 0.0,
+) -> Workload:
+    """Backlog plus predicted arrivals as one EDF-ordered deadline list (see the module docstring)."""
+    budgets = np.asarray(budgets_ms, dtype=float) * safety
+    horizon = interval_ms + (float(budgets.max()) if budgets.size else 0.0)
+    arrivals = arrival_deadlines(budgets, load_rps, horizon_ms=horizon, burst_z=burst_z)
+    backlog = np.asarray(queue_remaining_ms, dtype=float) * safety
+    d = np.sort(np.concatenate((backlog, arrivals)))
+    n_off = int(np.searchsorted(d, max(floor_ms, 1e-9), side="left"))
+    return Workload(d, n_off, float(load_rps), int(backlog.size), int(arrivals.size))
+
+
+def _batch_heads(n_jobs: int, n_off: int, batches: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each batch size, the batches that hold a constrained job: (batch index k, index of its
+    tightest constrained job, group start offsets), flattened over batch sizes."""
+    nk = -(-n_jobs // batches)  # ceil(n_jobs / b) batches
+    kstart = n_off // batches  # first batch holding a constrained job
+    counts = nk - kstart
+    starts = np.cumsum(counts) - counts
+    total = int(counts.sum())
+    within = np.arange(total) - np.repeat(starts, counts)
+    k = np.repeat(kstart, counts) + within
+    idx = np.maximum(k * np.repeat(batches, counts), n_off)
+    return k, idx, starts
+
+
+def latency_bounds_ms(w: Workload, max_batch: int, blocking: float = 1.0) -> np.ndarray:
+    """bound[b-1] = the largest l(b, c) that is feasible for batch size b (+inf: unconstrained)."""
+    batches = np.arange(1, max_batch + 1)
+    bounds = np.full(max_batch, np.inf)
+    if w.n_jobs > w.n_written_off:
+        k, idx, starts = _batch_heads(w.n_jobs, w.n_written_off, batches)
+        ratio = w.deadlines_ms[idx] / (k + 1.0 + blocking)
+        bounds = np.minimum.reduceat(ratio, starts)
+    if w.load_rps > 0:
+        bounds = np.minimum(bounds, 1000.0 * batches / w.load_rps)
+    return bounds
+
+
+def worst_slack_ms(w: Workload, batch_latency_ms: float, batch: int, blocking: float = 1.0) -> float:
+    """min over batches k of d[k*b] - (k + 1 + blocking) * l: negative means the worst lateness."""
+    if w.n_jobs <= w.n_written_off:
+        return math.inf
+    k, idx, _ = _batch_heads(w.n_jobs, w.n_written_off, np.array([batch]))
+    return float(np.min(w.deadlines_ms[idx] - (k + 1.0 + blocking) * batch_latency_ms))
+
+
+def check(model: LatencyModel, batch: int, cpu_m: float, w: Workload, blocking: float = 1.0) -> Check:
+    """Is (batch, cpu_m) feasible for the workload? The reference (unvectorised) form of the rule."""
+    lat = model.latency_ms(batch, cpu_m)
+    slack = worst_slack_ms(w, lat, batch, blocking)
+    thr = model.throughput_rps(batch, cpu_m)
+    ok = slack >= 0.0 and thr >= w.load_rps * (1.0 - 1e-12)
+    return Check(ok, slack, thr, w.load_rps)

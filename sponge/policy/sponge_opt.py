@@ -1,0 +1,178 @@
+"""SpongeOptimizer: our vertical rule (millicores, budget distribution, backlog, headroom, hysteresis).
+
+Per interval:
+1. load' = predictor(rate history) * (1 + headroom)             (headroom: scale-up margin, default 10 %)
+2. Workload = backlog + predicted arrivals as EDF-ordered deadlines (feasibility.build_workload): budgets
+   come from the measured distribution, not its minimum; deadlines are scaled by `safety` (0.9).
+3. For every batch size b, the largest batch latency that meets every deadline and sustains load'
+   (feasibility.latency_bounds_ms); the least CPU on the millicore grid with l(b, c) <= that bound;
+   choose the least CPU, then the least batch.                    -> the plan (stateless, pure)
+4. Hysteresis (the only state): scale up at once; scale down only to the highest plan of the last
+   `down_window` intervals (optionally by at most `max_down_step_m` per interval). While held above the
+   plan, the batch is the least one that is feasible at the held CPU.
+5. Infeasible (nothing up to max_cpu_m meets every deadline): max CPU and the batch with the largest
+   worst slack (= least worst lateness), feasible=False. It never keeps the old configuration.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from sponge.perf.latency_model import LatencyModel
+from sponge.policy.feasibility import Workload, build_workload, latency_bounds_ms, worst_slack_ms
+from sponge.policy.hysteresis import DownscaleStabilizer
+from sponge.policy.predictors import Predictor, history_of, make_predictor
+from sponge.policy.types import Decision, Observation
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The least-CPU configuration for one workload, before hysteresis."""
+
+    cpu_m: int
+    batch: int
+    feasible: bool
+    worst_slack_ms: float
+    bounds_ms: np.ndarray  # per batch size: the largest feasible batch latency
+    workload: Workload
+
+
+def cpu_grid(min_cpu_m: int, max_cpu_m: int, step_m: int) -> np.ndarray:
+    """Allocations the optimizer may choose: min, min+step, ..., and always max itself."""
+    if not 0 < min_cpu_m <= max_cpu_m or step_m <= 0:
+        raise ValueError("need 0 < min_cpu_m <= max_cpu_m and step_m > 0")
+    grid = np.arange(min_cpu_m, max_cpu_m + 1, step_m, dtype=np.int64)
+    if grid[-1] != max_cpu_m:
+        grid = np.append(grid, max_cpu_m)
+    return grid
+
+
+def budget_summary(budgets_ms: Sequence[float]) -> str:
+    """p0/p10/p50/p90 of the budgets, for explanations."""
+    if not len(budgets_ms):
+        return "budgets none"
+    q = np.quantile(np.asarray(budgets_ms, dtype=float), [0.0, 0.1, 0.5, 0.9])
+    return f"budgets p0/p10/p50/p90 {q[0]:.0f}/{q[1]:.0f}/{q[2]:.0f}/{q[3]:.0f} ms (n={len(budgets_ms)})"
+
+
+def backlog_summary(w: Workload, queue_remaining_ms: Sequence[float]) -> str:
+    if not len(queue_remaining_ms):
+        return "backlog 0"
+    return (
+        f"backlog {len(queue_remaining_ms)} (tightest {min(queue_remaining_ms):.0f} ms, "
+        f"{w.n_written_off} jobs beyond saving)"
+    )
+
+
+class SpongeOptimizer:
+    """Vertical scaling of one replica with per-request budgets. See the module docstring for the rule."""
+
+    name = "sponge"
+
+    def __init__(
+        self,
+        model: LatencyModel,
+        *,
+        min_cpu_m: int = 100,
+        max_cpu_m: int = 4000,
+        step_m: int = 50,
+        max_batch: int = 16,
+        headroom: float = 0.10,
+        safety: float = 0.9,
+        burst_z: float = 1.0,
+        blocking: float = 1.0,
+        down_window: int = 5,
+        max_down_step_m: int | None = None,
+        predictor: str | Predictor = "reactive",
+        predictor_params: dict[str, Any] | None = None,
+    ) -> None:
+        if max_batch < 1 or headroom < 0 or not 0 < safety <= 1 or burst_z < 0 or blocking < 0:
+            raise ValueError("invalid SpongeOptimizer parameters")
+        self.model = model
+        self.min_cpu_m, self.max_cpu_m, self.step_m = min_cpu_m, max_cpu_m, step_m
+        self.max_batch = max_batch
+        self.headroom, self.safety, self.burst_z, self.blocking = headroom, safety, burst_z, blocking
+        self.predictor = make_predictor(predictor, **(predictor_params or {}))
+        self.stabilizer = DownscaleStabilizer(down_window, max_down_step_m)
+        self.grid = cpu_grid(min_cpu_m, max_cpu_m, step_m)
+        self.batches = np.arange(1, max_batch + 1)
+        # l(b, c) for every candidate, computed once: each decision is then a comparison against a table.
+        self._lat = np.asarray(model.latency_ms(self.batches[:, None], self.grid[None, :].astype(float)))
+        # A deadline below this cannot be met even served next, alone, at max CPU: written off.
+        self.floor_ms = float(model.latency_ms(1, max_cpu_m))
+
+    # -- pure part -------------------------------------------------------------------------------------
+    def workload(
+        self, budgets_ms: Sequence[float], queue_remaining_ms: Sequence[float], load_rps: float, interval_ms: float
+    ) -> Workload:
+        return build_workload(
+            budgets_ms,
+            queue_remaining_ms,
+            load_rps,
+            interval_ms=interval_ms,
+            safety=self.safety,
+            burst_z=self.burst_z,
+            floor_ms=self.floor_ms,
+        )
+
+    def plan(
+        self, budgets_ms: Sequence[float], queue_remaining_ms: Sequence[float], load_rps: float, interval_ms: float
+    ) -> Plan:
+        """Least CPU (then least batch) meeting every deadline for `load_rps` (headroom already applied)."""
+        w = self.workload(budgets_ms, queue_remaining_ms, load_rps, interval_ms)
+        bounds = latency_bounds_ms(w, self.max_batch, self.blocking)
+        ok = self._lat <= bounds[:, None]
+        has = ok.any(axis=1)
+        if has.any():
+            first = ok.argmax(axis=1)
+            cpu_per_b = np.where(has, self.grid[first], np.iinfo(np.int64).max)
+            bi = int(np.argmin(cpu_per_b))  # first minimum: least CPU, then least batch
+            lat = float(self._lat[bi, first[bi]])
+            slack = worst_slack_ms(w, lat, bi + 1, self.blocking)
+            return Plan(int(cpu_per_b[bi]), bi + 1, True, slack, bounds, w)
+        # Infeasible: full speed, and the batch whose worst lateness is least (largest worst slack).
+        lat_max = self._lat[:, -1]
+        slacks = [worst_slack_ms(w, float(lat_max[i]), i + 1, self.blocking) for i in range(self.max_batch)]
+        if w.load_rps > 0:  # a batch too small to keep up loses without bound beyond the horizon
+            short = 1000.0 * self.batches / lat_max < w.load_rps
+            if not short.all():
+                slacks = [s if not sh else -math.inf for s, sh in zip(slacks, short)]
+        bi = int(np.argmax(slacks))
+        return Plan(self.max_cpu_m, bi + 1, False, float(slacks[bi]), bounds, w)
+
+    def least_batch_at(self, cpu_m: int, bounds_ms: np.ndarray) -> int | None:
+        """The least batch size feasible at `cpu_m`, or None."""
+        lat = np.asarray(self.model.latency_ms(self.batches, float(cpu_m)))
+        ok = np.flatnonzero(lat <= bounds_ms)
+        return int(ok[0]) + 1 if ok.size else None
+
+    # -- the policy ------------------------------------------------------------------------------------
+    def predicted_load(self, obs: Observation) -> float:
+        return max(self.predictor.predict(history_of(obs.rate_history_rps, obs.arrival_rate_rps)), 0.0)
+
+    def decide(self, obs: Observation) -> Decision:
+        predicted = self.predicted_load(obs)
+        load = predicted * (1.0 + self.headroom)
+        p = self.plan(obs.budgets_ms, obs.queue_remaining_ms, load, obs.interval_ms)
+        current = obs.current.cpu_m
+        cpu = self.stabilizer.update(p.cpu_m, current)
+        cpu = int(min(max(cpu, self.min_cpu_m), self.max_cpu_m))
+        batch, slack, note = p.batch, p.worst_slack_ms, ""
+        if cpu != p.cpu_m:
+            batch = self.least_batch_at(cpu, p.bounds_ms) or p.batch
+            slack = worst_slack_ms(p.workload, float(self.model.latency_ms(batch, cpu)), batch, self.blocking)
+            below = self.stabilizer.below_for(current)
+            note = f"; held at {cpu}m above plan {p.cpu_m}m (lower for {below}/{self.stabilizer.window} intervals)"
+        verdict = "" if p.feasible else "INFEASIBLE even at max CPU: best effort; "
+        explanation = (
+            f"sponge: {verdict}load {obs.arrival_rate_rps:.1f} rps, predicted {predicted:.1f} "
+            f"(+{self.headroom:.0%} -> {load:.1f}), {budget_summary(obs.budgets_ms)}, "
+            f"{backlog_summary(p.workload, obs.queue_remaining_ms)}, {p.workload.n_jobs} jobs checked "
+            f"-> cpu {cpu}m b={batch}, worst slack {slack:.1f} ms, "
+            f"h={self.model.throughput_rps(batch, cpu):.1f} rps{note}"
+        )
+        return Decision(cpu_m=cpu, batch=batch, replicas=1, feasible=p.feasible, explanation=explanation)
