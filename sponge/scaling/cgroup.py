@@ -17,6 +17,7 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import Callable
 
 from sponge.scaling.base import ActuatorError
 from sponge.scaling.procfs import (
@@ -329,11 +330,12 @@ def parse_cpu_max(text: str) -> tuple[int | None, int]:
     return (None if parts[0] == "max" else int(parts[0])), period
 
 
-def cleanup_stale(root: Path | str, *, alive=pid_alive) -> list[Path]:
+def cleanup_stale(root: Path | str, *, alive: Callable[[int], bool] = pid_alive) -> list[Path]:
     """Remove `sponge-<pid>-*` cgroups under `root` whose owning server pid is dead (after a crash).
 
     Live tasks still inside are first moved to the top of the hierarchy. Returns what was removed;
-    directories that could not be removed are logged and left.
+    directories that could not be removed are logged and left. Caveat: if the dead server's pid has
+    been reused by an unrelated process, its leftovers are kept (harmless, just not collected).
     """
     root = Path(root)
     removed: list[Path] = []

@@ -16,6 +16,7 @@ import math
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 from sponge.scaling.cgroup import cpu_m_for, parse_cpu_max
 from sponge.scaling.procfs import CgroupMount, parse_mountinfo, parse_proc_cgroup
@@ -81,7 +82,9 @@ def _cgroup_dir(path: str, mount: CgroupMount | None, fallback: list[Path]) -> P
     return d if d.is_dir() else mount.mount_point  # e.g. a cgroup namespace hides the outer path
 
 
-def _walk(d: Path | None, mount: CgroupMount | None, fallback: list[Path], level) -> int | None:
+def _walk(
+    d: Path | None, mount: CgroupMount | None, fallback: list[Path], level: Callable[[Path], int | None]
+) -> int | None:
     """min over `d` and its ancestors up to the mount point of each level's quota in millicores."""
     if d is None:
         return None
