@@ -65,7 +65,7 @@ def _draw_run(
 
     ax = axes[0]  # load: observed sends per second, and what the controller measured per interval
     if sent.size:
-        per_s = np.bincount(sent.astype(np.int64))
+        per_s = np.bincount(np.clip(sent, 0, None).astype(np.int64))
         ax.plot(np.arange(per_s.size) + 0.5, per_s, color="0.7", lw=0.6, label="sent / s")
     if tl:
         _step(ax, tl, "arrival_rps", color="C0", lw=1.2, label="arrival rate (interval)")
@@ -141,7 +141,7 @@ def plot_timelines(runs: Mapping[str, RunData], path: str | Path, title: str | N
     for i, label in enumerate(_PANELS):
         axes[i, 0].set_ylabel(label, fontsize=8)
     top = _latency_ylim(runs)
-    if top:
+    if top is not None and top > 0:
         axes[4, 0].set_ylim(min(0.0, axes[4, 0].get_ylim()[0]), top)
     for i in (0, 1, 2, 3, 5):
         axes[i, 0].set_ylim(bottom=0)

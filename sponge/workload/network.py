@@ -252,7 +252,10 @@ def read_5gophers_throughput(
 
 
 def read_mahimahi(path: str | Path) -> MahimahiTrace:
-    """A mahimahi link trace: one integer ms timestamp per line (a 1500-byte delivery opportunity)."""
+    """A mahimahi link trace: one integer ms timestamp per line (a 1500-byte delivery opportunity).
+
+    For uploads, pass the `.up` file of a pair.
+    """
     p = Path(path)
     times = []
     for lineno, line in enumerate(p.read_text().splitlines(), 1):
