@@ -7,6 +7,9 @@ import itertools
 import logging
 import multiprocessing as mp
 import os
+import pickle
+import socket
+import struct
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -17,6 +20,14 @@ from sponge.runtime.worker import worker_main
 
 log = logging.getLogger("sponge.replica")
 START_TIMEOUT_S = 60.0
+_HEADER = struct.Struct("!i")  # multiprocessing.Connection framing: 4-byte big-endian length
+
+
+def _frame(obj: object) -> bytes:
+    payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    if len(payload) >= 2**31 - 1:
+        raise ValueError(f"batch of {len(payload)} bytes is too large for one message")
+    return _HEADER.pack(len(payload)) + payload
 
 
 class ReplicaDied(Exception):
@@ -51,7 +62,9 @@ class Replica:
         self.labels: list[str] | None = None
         self.restarts = 0
         self._proc: Any = None
-        self._conn: Any = None
+        self._conn: asyncio.StreamWriter | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._reader_task: asyncio.Task[None] | None = None
         self._ids = itertools.count()
         self._pending: dict[int, asyncio.Future[BatchResult]] = {}
         self._ready = asyncio.Event()
@@ -92,32 +105,38 @@ class Replica:
             raise RuntimeError(f"replica {self.name} failed to load the model: {msg[1]}")
         info = msg[1]
         self.inputs, self.outputs, self.labels = info["inputs"], info["outputs"], info["labels"]
-        self._proc, self._conn = proc, parent
-        self._loop.add_reader(parent.fileno(), self._on_message)
+        # The worker side keeps the blocking multiprocessing.Connection; this side speaks the same
+        # framing over asyncio streams, so large batches never block the event loop.
+        sock = socket.socket(fileno=os.dup(parent.fileno()))
+        parent.close()
+        self._reader, self._writer = await asyncio.open_connection(sock=sock)
+        self._proc, self._conn = proc, self._writer
+        self._reader_task = asyncio.create_task(self._read_loop(self._reader), name=f"replica-{self.name}-reader")
         self._ready.set()
         log.info("replica %s started (pid %d, %d threads)", self.name, proc.pid, self.threads)
         if self.on_start is not None:
             self.on_start(self)
 
-    def _on_message(self) -> None:
+    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
         try:
-            msg = self._conn.recv()
-        except (EOFError, OSError):
-            self._on_death()
-            return
-        kind, batch_id = msg[0], msg[1]
-        fut = self._pending.pop(batch_id, None)
-        if fut is None or fut.done():
-            return
-        if kind == "result":
-            fut.set_result(BatchResult(msg[2], msg[3], msg[4]))
-        else:
-            fut.set_exception(ReplicaError(msg[2]))
+            while True:
+                (n,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
+                msg = pickle.loads(await reader.readexactly(n))
+                kind, batch_id = msg[0], msg[1]
+                fut = self._pending.pop(batch_id, None)
+                if fut is None or fut.done():
+                    continue
+                if kind == "result":
+                    fut.set_result(BatchResult(msg[2], msg[3], msg[4]))
+                else:
+                    fut.set_exception(ReplicaError(msg[2]))
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            if self._conn is not None and self._reader is reader:
+                self._on_death()
 
     def _on_death(self) -> None:
         assert self._loop is not None
         if self._conn is not None:
-            self._loop.remove_reader(self._conn.fileno())
             self._conn.close()
             self._conn = None
         self._ready.clear()
@@ -141,20 +160,19 @@ class Replica:
         fut: asyncio.Future[BatchResult] = self._loop.create_future()
         self._pending[batch_id] = fut
         try:
-            self._conn.send(("infer", batch_id, inputs))
-        except (BrokenPipeError, OSError):
+            self._conn.write(_frame(("infer", batch_id, inputs)))
+            await self._conn.drain()
+        except (ConnectionError, OSError):
             self._pending.pop(batch_id, None)
-            self._on_death()
+            if self._conn is not None:
+                self._on_death()
             raise ReplicaDied(f"replica {self.name} died") from None
         return await fut
 
     def set_threads(self, n: int) -> None:
         self.threads = n
-        if self._conn is not None:
-            try:
-                self._conn.send(("threads", n))
-            except (BrokenPipeError, OSError):
-                pass
+        if self._conn is not None and not self._conn.is_closing():
+            self._conn.write(_frame(("threads", n)))
 
     async def restart(self) -> None:
         await self.stop()
@@ -163,14 +181,12 @@ class Replica:
 
     async def stop(self) -> None:
         if self._conn is not None:
-            try:
-                self._conn.send(("stop",))
-            except (BrokenPipeError, OSError):
-                pass
-            assert self._loop is not None
-            self._loop.remove_reader(self._conn.fileno())
-            self._conn.close()
-            self._conn = None
+            conn, self._conn = self._conn, None
+            if not conn.is_closing():
+                conn.write(_frame(("stop",)))
+            conn.close()
+            if self._reader_task is not None:
+                self._reader_task.cancel()
         if self._proc is not None:
             proc = self._proc
             await asyncio.get_running_loop().run_in_executor(None, proc.join, 5)

@@ -1,0 +1,150 @@
+"""Latency the server adds over a direct in-process runtime call, and saturated throughput vs the
+runtime's own best batched throughput (issue 2). Real server process, real HTTP on loopback.
+
+Usage: python bench/overhead.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from httpload import Conn, closed_loop  # noqa: E402
+from serverproc import ServerProcess  # noqa: E402
+
+from sponge.runtime.onnx_runtime import OnnxRuntime  # noqa: E402
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(xs, q)) if xs else float("nan")
+
+
+def direct_latency(rt: OnnxRuntime, inputs: dict[str, np.ndarray], n: int) -> list[float]:
+    for _ in range(10):
+        rt.infer(inputs)
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        rt.infer(inputs)
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def best_batched_throughput(rt: OnnxRuntime, make, batches=(1, 2, 4, 8, 16, 32), seconds=1.5) -> tuple[float, int]:
+    best, best_b = 0.0, 1
+    for b in batches:
+        x = make(b)
+        rt.infer(x)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            rt.infer(x)
+            n += b
+        rps = n / (time.perf_counter() - t0)
+        if rps > best:
+            best, best_b = rps, b
+    return best, best_b
+
+
+def binary_body(name: str, arr: np.ndarray, dtype: str) -> tuple[bytes, dict[str, str]]:
+    h = orjson.dumps({"inputs": [{"name": name, "shape": list(arr.shape), "datatype": dtype,
+                                  "parameters": {"binary_data_size": arr.nbytes}}],
+                      "parameters": {"slo_ms": 60000}})
+    return h + arr.tobytes(), {"Inference-Header-Content-Length": str(len(h))}
+
+
+async def serial_latency(port: int, path: str, body: bytes, headers: dict[str, str], n: int
+                         ) -> tuple[list[float], list[float]]:
+    c = await Conn.open("127.0.0.1", port)
+    client_ms, in_server_ms = [], []
+    for i in range(n + 10):
+        t0 = time.perf_counter()
+        status, data = await c.post(path, body, headers)
+        dt = (time.perf_counter() - t0) * 1000
+        assert status == 200, data[:200]
+        if i >= 10:  # after warm-up
+            client_ms.append(dt)
+            p = orjson.loads(data)["parameters"]
+            in_server_ms.append(p["server_ms"] - p["infer_ms"])
+    c.close()
+    return client_ms, in_server_ms
+
+
+def run_model(label: str, model_path: Path, name: str, input_name: str, make, dtype: str, n_serial: int,
+              seconds: float, cores: int) -> dict:
+    print(f"\n== {label}: {model_path.name} ==", flush=True)
+    rt = OnnxRuntime(model_path, threads=cores, max_threads=cores, prebuild=False)
+    one = make(1)
+    direct = direct_latency(rt, {input_name: one}, n_serial)
+    own_rps, own_b = best_batched_throughput(rt, lambda b: {input_name: make(b)})
+    del rt
+    print(f"direct p50 {pct(direct, 50):.3f} ms; runtime best {own_rps:.0f} req/s at batch {own_b}", flush=True)
+    srv = ServerProcess("--model", str(model_path), "--batch", "32", "--max-batch", "32",
+                        "--queue-capacity", "4096")
+    try:
+        path = f"/v2/models/{name}/infer"
+        body, headers = binary_body(input_name, one, dtype)
+        client_ms, in_server = asyncio.run(serial_latency(srv.port, path, body, headers, n_serial))
+        row = {"model": label, "direct_p50_ms": pct(direct, 50), "direct_p99_ms": pct(direct, 99),
+               "server_p50_ms": pct(client_ms, 50), "server_p99_ms": pct(client_ms, 99),
+               "added_p50_ms": pct(client_ms, 50) - pct(direct, 50),
+               "added_p99_ms": pct(client_ms, 99) - pct(direct, 99),
+               "in_server_overhead_p50_ms": pct(in_server, 50), "runtime_best_rps": own_rps,
+               "runtime_best_batch": own_b}
+        for conc in (1, 16, 64):
+            lat, errors = asyncio.run(closed_loop("127.0.0.1", srv.port, path, body, headers, conc, seconds,
+                                                  max_requests=200_000))
+            rps = len(lat) / seconds
+            row[f"rps_c{conc}"] = rps
+            row[f"rps_ratio_c{conc}"] = rps / own_rps
+            row[f"errors_c{conc}"] = errors
+            print(f"concurrency {conc:3d}: {rps:8.0f} req/s ({rps / own_rps:.0%} of runtime), "
+                  f"p50 {pct(lat, 50):.2f} ms, errors {errors}", flush=True)
+    finally:
+        srv.stop()
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="shorter runs (smoke test)")
+    args = ap.parse_args()
+    n_serial, seconds = (100, 2.0) if args.quick else (500, 5.0)
+    cores = len(os.sched_getaffinity(0))
+    from sponge.models.efficientnet_lite0 import default_model_path
+    from sponge.models.trivial import trivial_model_path
+
+    rows = [
+        run_model("trivial", trivial_model_path(), "trivial", "x",
+                  lambda b: np.random.default_rng(0).random((b, 16), dtype=np.float32), "FP32", n_serial,
+                  seconds, cores),
+        run_model("efficientnet-lite0", default_model_path(), "efficientnet-lite0", "image",
+                  lambda b: np.random.default_rng(0).integers(0, 255, (b, 224, 224, 3), dtype=np.uint8),
+                  "UINT8", n_serial // 2, seconds, cores),
+    ]
+    print("\nmodel               direct p50  server p50  added p50  added p99  in-server p50 | "
+          "c=1 / c=16 / c=64 throughput vs runtime best")
+    for r in rows:
+        print(f"{r['model']:<19} {r['direct_p50_ms']:8.3f}ms {r['server_p50_ms']:8.3f}ms {r['added_p50_ms']:8.3f}ms "
+              f"{r['added_p99_ms']:8.3f}ms {r['in_server_overhead_p50_ms']:10.3f}ms   | "
+              f"{r['rps_ratio_c1']:.0%} / {r['rps_ratio_c16']:.0%} / {r['rps_ratio_c64']:.0%} "
+              f"of {r['runtime_best_rps']:.0f} req/s (batch {r['runtime_best_batch']})")
+    print("targets: added p50 <= 1 ms at concurrency 1; saturated throughput >= 90 % of the runtime's own")
+    print(json.dumps({"bench": "overhead", "cores": cores,
+                      "rows": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+                               for r in rows]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
