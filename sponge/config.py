@@ -34,7 +34,8 @@ class ServerConfig(BaseModel):
     )
     replicas: int = Field(1, ge=1, le=64)
     cpu_m: int | None = Field(None, ge=1, description="CPU per replica in millicores (default: all cores)")
-    min_cpu_m: int = Field(100, ge=1)
+    min_cpu_m: int = Field(100, ge=1, description="smallest CPU per replica the controller may set")
+    max_cpu_m: int | None = Field(None, ge=1, description="largest CPU per replica (default: all cores)")
     actuator: Literal["auto", "cgroup-v2", "cgroup-v1", "affinity", "none"] = "auto"
     policy: Literal["sponge", "paper", "static"] = "sponge"
     interval_ms: float = Field(1000.0, gt=0)

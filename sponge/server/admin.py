@@ -4,15 +4,34 @@ when no token is configured, so inference clients can never resize the server.""
 from __future__ import annotations
 
 import hmac
+
+import orjson
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from sponge.server.core import ServingCore
+from sponge.server.scaler import ReplicaScaler
 
 
-def install_admin(app: FastAPI, core: ServingCore, token: str | None) -> None:
+async def _json_field(request: Request, field: str) -> int:
+    """Read an integer field from a JSON body; ValueError names the field."""
+    try:
+        doc = await request.json()
+    except ValueError:
+        raise ValueError("body must be JSON") from None
+    value = doc.get(field) if isinstance(doc, dict) else None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"'{field}' must be an integer")
+    return value
+
+
+def _bad(message: str, status: int = 400) -> Response:
+    return Response(orjson.dumps({"error": message}), status_code=status, media_type="application/json")
+
+
+def install_admin(app: FastAPI, core: ServingCore, token: str | None, scaler: ReplicaScaler | None = None) -> None:
     def denied(request: Request) -> Response | None:
         if token is None:
             return Response('{"error":"admin API disabled: start the server with --admin-token"}',
@@ -31,5 +50,32 @@ def install_admin(app: FastAPI, core: ServingCore, token: str | None) -> None:
             {"name": r.name, "pid": r.pid, "ready": r.ready, "threads": r.threads,
              "cpu_m": core.cpu_m[r.name], "restarts": r.restarts} for r in core.replicas],
             "batch": core.batcher.batch_size, "queue_length": len(core.queue)}
+
+    @app.put("/admin/replicas/{name}/cpu", tags=["admin"], summary="Resize a replica in place: {\"cpu_m\": N}")
+    async def resize(name: str, request: Request) -> Any:
+        if (resp := denied(request)) is not None:
+            return resp
+        if scaler is None:
+            return _bad("no actuator configured", 409)
+        try:
+            cpu_m = await _json_field(request, "cpu_m")
+            result = scaler.resize(name, cpu_m)
+        except KeyError as exc:
+            return _bad(str(exc.args[0]), 404)
+        except ValueError as exc:
+            return _bad(str(exc))
+        return {"replica": result.replica, "cpu_m": result.cpu_m, "threads": result.threads,
+                "apply_ms": round(result.apply_ms, 3)}
+
+    @app.put("/admin/batch", tags=["admin"], summary="Set the batch size: {\"batch\": B}")
+    async def set_batch(request: Request) -> Any:
+        if (resp := denied(request)) is not None:
+            return resp
+        try:
+            b = await _json_field(request, "batch")
+            core.set_batch(b)
+        except ValueError as exc:
+            return _bad(str(exc).replace("batch size", "'batch'"))
+        return {"batch": core.batcher.batch_size}
 
     app.state.admin_denied = denied

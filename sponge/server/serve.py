@@ -11,13 +11,17 @@ from typing import AsyncIterator
 
 from fastapi import FastAPI
 
-from sponge.config import ServerConfig
+from sponge.config import ConfigError, ServerConfig
 from sponge.runtime.replica import Replica
+from sponge.scaling.base import CpuActuator
+from sponge.scaling.select import cleanup_all_stale, select_actuator
+from sponge.scaling.self_limit import threads_for
 from sponge.scheduling.batcher import ExpiryPolicy
 from sponge.server.admin import install_admin
 from sponge.server.app import create_app
 from sponge.server.core import ServingCore
 from sponge.server.metrics import Metrics
+from sponge.server.scaler import NullActuator, ReplicaScaler
 
 log = logging.getLogger("sponge.serve")
 DEFAULT_MODEL_NAME = "efficientnet-lite0"
@@ -39,15 +43,37 @@ def machine_cpu_m() -> int:
     return 1000 * len(os.sched_getaffinity(0))
 
 
+def make_actuators(cfg: ServerConfig, names: list[str], cpu_m: int) -> tuple[dict[str, CpuActuator], str]:
+    """One actuator per replica, chosen automatically (or as configured); returns them and why."""
+    if cfg.actuator == "none":
+        return {n: NullActuator(cpu_m) for n in names}, "none: allocations are not enforced (--actuator none)"
+    removed = cleanup_all_stale()
+    if removed:
+        log.info("removed %d stale cgroup(s) left by an earlier run: %s", len(removed), removed)
+    chosen: dict[str, CpuActuator] = {}
+    reason = ""
+    for n in names:
+        sel = select_actuator(n, prefer=cfg.actuator)
+        chosen[n], reason = sel.actuator, sel.reason
+    return chosen, reason
+
+
 def build_app(cfg: ServerConfig) -> FastAPI:
     model_path, model_name = resolve_model(cfg)
     max_threads = len(os.sched_getaffinity(0))
-    cpu_m = cfg.cpu_m or machine_cpu_m()
-    threads = max(1, min(max_threads, -(-cpu_m // 1000)))
+    max_cpu_m = min(cfg.max_cpu_m or machine_cpu_m(), machine_cpu_m())
+    cpu_m = min(cfg.cpu_m or max_cpu_m, max_cpu_m)
+    if cpu_m < cfg.min_cpu_m:
+        raise ConfigError(f"cpu_m ({cpu_m}) is below min_cpu_m ({cfg.min_cpu_m})")
+    threads = threads_for(cpu_m)
     metrics = Metrics()
     replicas = [Replica(f"r{i}", str(model_path), threads, max_threads) for i in range(cfg.replicas)]
     core = ServingCore(model_name, replicas, cfg.batch, cfg.queue_capacity, ExpiryPolicy(cfg.expiry_policy),
                        cfg.max_batch_wait_ms, metrics, cpu_m)
+    actuators, why = make_actuators(cfg, [r.name for r in replicas], cpu_m)
+    scaler = ReplicaScaler(core, actuators, cfg.min_cpu_m, max_cpu_m)
+    kind = next(iter(actuators.values())).kind
+    log.warning("CPU actuator: %s — %s", kind, why)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -63,11 +89,13 @@ def build_app(cfg: ServerConfig) -> FastAPI:
             yield
         finally:
             await core.close()
+            scaler.close()
 
     app = create_app(core, max_body_bytes=cfg.max_body_bytes, default_slo_ms=cfg.default_slo_ms,
                      max_clock_skew_ms=cfg.max_clock_skew_ms, max_request_batch=cfg.max_request_batch,
                      lifespan=lifespan)
-    install_admin(app, core, cfg.admin_token)
+    install_admin(app, core, cfg.admin_token, scaler)
+    app.state.scaler = scaler
     return app
 
 
