@@ -1,0 +1,548 @@
+"""Trace-driven discrete-event simulator of one Sponge deployment (DESIGN §2: `sim/`).
+
+What is real and what is modelled:
+  * real: the EDF queue (`sponge.scheduling.edf.EDFQueue`), the batcher with its expiry policy
+    (`sponge.scheduling.batcher.Batcher`), the policy objects (`sponge.policy`, called through the same
+    `Observation`/`Decision` types as the live controller) and the request plan
+    (`sponge.workload.generate_requests`, the load generator's own function);
+  * modelled: a batch of b on c millicores takes `LatencyModel.latency_ms(b, c)` ms, times an optional
+    seeded lognormal factor of mean 1; an in-place resize takes effect `resize_delay_ms` after the
+    decision and re-times the running batch (the work left runs at the new speed); a new replica serves
+    only after `cold_start_ms`; a removed replica finishes its running batch first.
+
+Semantics, mirrored from `sponge.server.core.ServingCore`:
+  * admission: with expiry `reject`, a request whose deadline is earlier than now + l(1, c) is answered at
+    once with a deadline error (outcome `expired`); a full queue refuses it (`rejected`);
+  * a free replica asks the batcher for its next action (expired entries are answered at once; a
+    dispatch takes up to b from the head; a wait is bounded by the head's slack and `max_wait_ms`);
+  * every request arrives at its send time (the load generator reports the network delay, it does not
+    incur it) and its deadline is send + budget; it is `ok` iff server time <= budget.
+
+Time ties: an arrival at the same instant as an event is processed first; events at the same instant run
+in the order they were scheduled. Everything is deterministic under `SimConfig.seed` (which only drives
+the service-time noise; the request plan has its own seed).
+
+Cost: core-seconds = integral over [0, end] of the CPU allocated to every replica that exists (starting,
+serving or draining), exactly (not sampled). The timeline's `total_cpu_m` is each interval's mean
+allocation, rounded; its `cpu_m`, `replicas`, `batch` and `feasible` are those in force at the
+interval's end, before the controller's decision at that instant.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from sponge.perf.latency_model import LatencyModel
+from sponge.policy.types import Decision, Observation, Policy
+from sponge.report.results import RequestRecord, TimelineRecord, write_run
+from sponge.scheduling.batcher import Batcher, Dispatch, ExpiryPolicy
+from sponge.scheduling.edf import EDFQueue, QueueFull
+from sponge.sim.inputs import RequestSet
+
+# outcome codes (0 = not ended yet)
+PENDING, OK, LATE, EXPIRED, REJECTED, ERROR = range(6)
+OUTCOME_NAMES = ("pending", "ok", "late", "expired", "rejected", "error")
+
+# event kinds
+_COMPLETE, _TICK, _RESIZE, _READY, _WAKE = range(5)
+
+
+class ConservationError(AssertionError):
+    """A request ended twice (or never): a simulator bug, never a property of the workload."""
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Everything about the simulated deployment that is not the workload, the model or the policy."""
+
+    interval_ms: float = 1000.0  # controller period
+    resize_delay_ms: float = 100.0  # decision -> new CPU in force (in-place resize)
+    cold_start_ms: float = 7000.0  # new replica -> ready
+    noise_sigma: float = 0.0  # lognormal sigma of the service-time factor (mean 1); 0 = exact model
+    expiry: str = "reject"  # ExpiryPolicy value: reject | serve_late
+    max_wait_ms: float = 5.0  # batcher: longest wait for a fuller batch
+    queue_capacity: int = 100_000
+    budget_window_ms: float = 5000.0  # Observation.budgets_ms: budgets of arrivals in this recent window
+    history_len: int = 60  # Observation.rate_history_rps: this many intervals, oldest first
+    initial_cpu_m: int = 1000
+    initial_batch: int = 1
+    initial_replicas: int = 1
+    max_replicas: int = 256  # a decision asking for more is clamped (protects the simulator, not a policy)
+    resize_running: bool = True  # a resize re-times the running batch (cgroup quotas apply at once)
+    max_drain_ms: float = 600_000.0  # after the trace: give up on requests still unanswered after this
+    seed: int = 0  # service-time noise
+    keep_explanations: bool = True  # store every decision's explanation (decisions.jsonl)
+
+    def __post_init__(self) -> None:
+        if self.interval_ms <= 0 or self.resize_delay_ms < 0 or self.cold_start_ms < 0:
+            raise ValueError("interval_ms must be > 0, delays >= 0")
+        if self.noise_sigma < 0 or self.max_wait_ms < 0 or self.budget_window_ms <= 0:
+            raise ValueError("noise_sigma, max_wait_ms must be >= 0 and budget_window_ms > 0")
+        if self.initial_cpu_m < 1 or self.initial_batch < 1 or self.initial_replicas < 1:
+            raise ValueError("the initial configuration needs cpu_m, batch, replicas >= 1")
+        ExpiryPolicy(self.expiry)  # validates
+
+    def initial(self) -> Decision:
+        return Decision(self.initial_cpu_m, self.initial_batch, self.initial_replicas, True, "initial configuration")
+
+
+class _Replica:
+    """One model server: ready after its cold start, busy with at most one batch."""
+
+    __slots__ = ("rid", "ready", "busy", "removing", "alive", "version", "batch", "size", "finish", "cpu_start",
+                 "usage", "busy_since")
+
+    def __init__(self, rid: int, ready: bool) -> None:
+        self.rid = rid
+        self.ready = ready
+        self.busy = False
+        self.removing = False
+        self.alive = True
+        self.version = 0
+        self.batch: list[int] = []
+        self.size = 0
+        self.finish = 0.0
+        self.cpu_start = 0
+        self.usage = 0.0  # millicore-ms used since the last tick
+        self.busy_since = 0.0
+
+
+@dataclass
+class SimResult:
+    """Per-request outcomes (columns), the per-interval timeline and the exact cost of one simulated run."""
+
+    policy: str
+    requests: RequestSet
+    outcome: np.ndarray  # int8 codes, OUTCOME_NAMES
+    server_ms: np.ndarray  # NaN if never answered
+    batch: np.ndarray
+    cpu_m: np.ndarray
+    timeline: list[TimelineRecord]
+    decisions: list[tuple[float, Decision]]
+    core_seconds: float
+    end_ms: float
+    wall_s: float
+    events: int
+    config: SimConfig
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.requests)
+
+    def counts(self) -> dict[str, int]:
+        c = np.bincount(self.outcome, minlength=len(OUTCOME_NAMES))
+        return {name: int(c[k]) for k, name in enumerate(OUTCOME_NAMES) if k != PENDING}
+
+    @property
+    def attainment(self) -> float:
+        return float(np.mean(self.outcome == OK)) if self.n else math.nan
+
+    @property
+    def requests_per_wall_s(self) -> float:
+        return self.n / self.wall_s if self.wall_s > 0 else math.inf
+
+    def records(self) -> list[RequestRecord]:
+        """One RequestRecord per request (the results format shared with live runs)."""
+        r = self.requests
+        srv = self.server_ms.tolist()
+        net = r.network_ms.tolist()
+        names = [OUTCOME_NAMES[k] for k in self.outcome.tolist()]
+        return [
+            RequestRecord(i, s, slo, nw, b, sv, nw + sv, o, bt, c)  # type: ignore[arg-type]
+            for i, (s, slo, nw, b, sv, o, bt, c) in enumerate(
+                zip(r.send_ms.tolist(), r.slo_ms.tolist(), net, r.budget_ms.tolist(), srv, names,
+                    self.batch.tolist(), self.cpu_m.tolist())
+            )
+        ]
+
+    def run_meta(self) -> dict[str, Any]:
+        return {
+            "kind": "simulation",
+            "name": self.meta.get("name", self.policy),
+            "policy": self.policy,
+            "requests": self.n,
+            "workload": self.requests.description,
+            "duration_ms": self.requests.duration_ms,
+            "end_ms": self.end_ms,
+            "core_seconds": self.core_seconds,
+            "counts": self.counts(),
+            "wall_s": self.wall_s,
+            "events": self.events,
+            "config": asdict(self.config),
+            **{k: v for k, v in self.meta.items() if k != "name"},
+        }
+
+    def write(self, directory: str | Path) -> Path:
+        """requests.csv + timeline.csv + run.json (sponge.report.results format) + decisions.jsonl."""
+        d = write_run(directory, self.records(), self.timeline, self.run_meta())
+        if self.decisions:
+            with (d / "decisions.jsonl").open("w") as fh:
+                for t, dec in self.decisions:
+                    fh.write(json.dumps({"t_ms": t, **asdict(dec)}) + "\n")
+        return d
+
+
+class Simulator:
+    """One run: a request plan served by replicas under one policy. Use `simulate()` for the one-liner."""
+
+    def __init__(self, requests: RequestSet, model: LatencyModel, policy: Policy, config: SimConfig | None = None,
+                 progress: Callable[[float], None] | None = None) -> None:
+        self.req = requests
+        self.model = model
+        self.policy = policy
+        self.cfg = config or SimConfig()
+        self.progress = progress  # called with the fraction of the trace simulated, once per interval
+        cfg = self.cfg
+        n = len(requests)
+        self.n = n
+        self._send = requests.send_ms.tolist()
+        self._budget = requests.budget_ms.tolist()
+        self._deadline = (requests.send_ms + requests.budget_ms).tolist()
+        self._outcome = [PENDING] * n
+        self._server = [math.nan] * n
+        self._batch = [0] * n
+        self._cpu = [0] * n
+        self._ended = 0
+
+        self.queue: EDFQueue[int] = EDFQueue(cfg.queue_capacity)
+        init = cfg.initial()
+        self._lat: list[float] = [0.0]
+        self.cpu = init.cpu_m  # CPU per replica in force (all replicas share it)
+        self._cpu_target = init.cpu_m
+        self.batcher = Batcher(init.batch, self._estimate, ExpiryPolicy(cfg.expiry), cfg.max_wait_ms)
+        self._reject = self.batcher.expiry is ExpiryPolicy.REJECT
+        self._retable(init.batch)
+        self.current = init
+
+        self._events: list[tuple[float, int, int, Any, Any]] = []
+        self._seq = 0
+        self._next_wake = math.inf
+        self._cost = 0.0  # millicore-ms
+        self._cost_t = 0.0
+        self._cost_tick = 0.0
+        self.live: list[_Replica] = []  # every replica that costs CPU (starting, serving, draining)
+        self.idle: list[_Replica] = []  # ready, not busy, not draining
+        self._rid = 0
+
+        for _ in range(init.replicas):
+            self._add_replica(0.0, ready=True)
+        self._rng = np.random.default_rng(cfg.seed)
+        self._noise: list[float] = []
+        self._noise_i = 0
+
+        self._arr_tick = 0  # arrivals seen at the last tick
+        self._rates: deque[float] = deque(maxlen=cfg.history_len)
+        self.timeline: list[TimelineRecord] = []
+        self.decisions: list[tuple[float, Decision]] = []
+        self.events = 0
+
+    # ---- small helpers -------------------------------------------------------------------------------
+    def _estimate(self, b: int) -> float:
+        lat = self._lat
+        return lat[b] if b < len(lat) else self._latency(b, self.cpu)
+
+    def _latency(self, b: int, cpu_m: float) -> float:
+        return max(float(self.model.latency_ms(b, cpu_m)), 1e-6)
+
+    def _retable(self, max_b: int) -> None:
+        """l(b, c) for b = 0..max_b at the CPU in force (the service times and the batcher's estimate)."""
+        size = max(max_b, self.batcher.batch_size, 16)
+        self._lat = [0.0] + [self._latency(b, self.cpu) for b in range(1, size + 1)]
+
+    def _push(self, t: float, kind: int, a: Any = None, b: Any = None) -> None:
+        self._seq += 1
+        heapq.heappush(self._events, (t, self._seq, kind, a, b))
+
+    def _noise_factor(self) -> float:
+        if self.cfg.noise_sigma == 0.0:
+            return 1.0
+        if self._noise_i >= len(self._noise):
+            s = self.cfg.noise_sigma
+            self._noise = self._rng.lognormal(-0.5 * s * s, s, 65536).tolist()
+            self._noise_i = 0
+        self._noise_i += 1
+        return self._noise[self._noise_i - 1]
+
+    def _end(self, i: int, outcome: int, server_ms: float, batch: int = 0, cpu_m: int = 0) -> None:
+        if self._outcome[i] != PENDING:
+            raise ConservationError(f"request {i} ended twice ({OUTCOME_NAMES[self._outcome[i]]}, then "
+                                    f"{OUTCOME_NAMES[outcome]})")
+        self._outcome[i] = outcome
+        self._server[i] = server_ms
+        self._batch[i] = batch
+        self._cpu[i] = cpu_m
+        self._ended += 1
+
+    def _integrate(self, now: float) -> None:
+        self._cost += self.cpu * len(self.live) * (now - self._cost_t)
+        self._cost_t = now
+
+    # ---- replicas --------------------------------------------------------------------------------------
+    def _add_replica(self, now: float, ready: bool) -> None:
+        self._integrate(now)
+        rep = _Replica(self._rid, ready)
+        self._rid += 1
+        self.live.append(rep)
+        if ready:
+            self.idle.append(rep)
+        else:
+            self._push(now + self.cfg.cold_start_ms, _READY, rep)
+
+    def _drop(self, rep: _Replica, now: float) -> None:
+        self._integrate(now)
+        rep.alive = False
+        self.live.remove(rep)
+        if rep in self.idle:
+            self.idle.remove(rep)
+
+    def _set_replicas(self, n: int, now: float) -> None:
+        active = [r for r in self.live if not r.removing]
+        if n > len(active):
+            for r in self.live:  # un-drain before starting new ones: they are warm
+                if r.removing and n > len(active):
+                    r.removing = False
+                    active.append(r)
+            for _ in range(n - len(active)):
+                self._add_replica(now, ready=self.cfg.cold_start_ms == 0)
+        elif n < len(active):
+            k = len(active) - n
+            victims = [r for r in reversed(active) if not r.ready][:k]  # cancel cold starts first
+            victims += [r for r in reversed(active) if r.ready and not r.busy][: k - len(victims)]
+            victims += [r for r in reversed(active) if r.busy][: k - len(victims)]
+            for r in victims:
+                if r.busy:
+                    r.removing = True  # finishes its batch, then goes
+                else:
+                    self._drop(r, now)
+
+    # ---- the serving path --------------------------------------------------------------------------------
+    def _dispatch(self, now: float) -> None:
+        queue, idle, batcher = self.queue, self.idle, self.batcher
+        while idle and queue:
+            act = batcher.next_action(queue, now)
+            for e in act.expired:
+                i = e.payload
+                self._end(i, EXPIRED, now - self._send[i])
+            step = act.step
+            if type(step) is Dispatch:
+                self._start(idle.pop(), step.entries, now)
+                continue
+            until = step.until_ms  # type: ignore[union-attr]
+            if until is not None and (until < self._next_wake or self._next_wake < now):
+                self._next_wake = until
+                self._push(until, _WAKE, until)
+            break
+
+    def _start(self, rep: _Replica, entries: list, now: float) -> None:
+        b = len(entries)
+        rep.busy = True
+        rep.batch = [e.payload for e in entries]
+        rep.size = b
+        rep.cpu_start = self.cpu
+        rep.busy_since = now
+        rep.version += 1
+        rep.finish = now + self._estimate(b) * self._noise_factor()
+        self._push(rep.finish, _COMPLETE, rep, rep.version)
+
+    def _complete(self, rep: _Replica, version: int, now: float) -> None:
+        if version != rep.version or not rep.busy:
+            return  # re-timed by a resize: a newer completion event stands for it
+        rep.usage += self.cpu * (now - rep.busy_since)
+        send, budget, b, c = self._send, self._budget, rep.size, rep.cpu_start
+        for i in rep.batch:
+            srv = now - send[i]
+            self._end(i, OK if srv <= budget[i] else LATE, srv, b, c)
+        rep.busy = False
+        rep.batch = []
+        if rep.removing:
+            self._drop(rep, now)
+        elif rep.alive:
+            self.idle.append(rep)
+        self._dispatch(now)
+
+    def _arrive(self, i: int, now: float) -> None:
+        dl = self._deadline[i]
+        if self._reject and dl < now + self._lat[1]:
+            self._end(i, EXPIRED, 0.0)
+            return
+        try:
+            self.queue.push(i, dl, now)
+        except QueueFull:
+            self._end(i, REJECTED, 0.0)
+            return
+        if self.idle:
+            self._dispatch(now)
+
+    # ---- control ---------------------------------------------------------------------------------------
+    def _resize(self, cpu_m: int, now: float) -> None:
+        if cpu_m == self.cpu:
+            return
+        self._integrate(now)
+        old = self.cpu
+        for rep in self.live:
+            if rep.busy:
+                rep.usage += old * (now - rep.busy_since)
+                rep.busy_since = now
+                if self.cfg.resize_running and rep.finish > now:
+                    scale = self._latency(rep.size, cpu_m) / self._latency(rep.size, old)
+                    rep.finish = now + (rep.finish - now) * scale
+                    rep.version += 1
+                    self._push(rep.finish, _COMPLETE, rep, rep.version)
+        self.cpu = cpu_m
+        self._retable(self.batcher.batch_size)
+        self._dispatch(now)
+
+    def _observe(self, now: float, arrived: int) -> Observation:
+        cfg = self.cfg
+        interval = cfg.interval_ms
+        usage = []
+        for rep in self.live:
+            if rep.busy:
+                rep.usage += self.cpu * (now - rep.busy_since)
+                rep.busy_since = now
+            if rep.ready:
+                usage.append(rep.usage / interval)
+            rep.usage = 0.0
+        lo = int(np.searchsorted(self.req.send_ms, now - cfg.budget_window_ms, side="right"))
+        budgets = tuple(self._budget[lo:arrived])
+        active = [r for r in self.live if not r.removing]
+        cur = self.current
+        current = Decision(self.cpu, self.batcher.batch_size, len(active), cur.feasible, cur.explanation)
+        return Observation(
+            now_ms=now,
+            interval_ms=interval,
+            arrival_rate_rps=self._rates[-1],
+            rate_history_rps=tuple(self._rates),
+            budgets_ms=budgets,
+            queue_remaining_ms=tuple(self.queue.remaining_ms(now)),
+            current=current,
+            cpu_usage_m=tuple(usage),
+            replicas_starting=sum(1 for r in active if not r.ready),
+        )
+
+    def _apply(self, d: Decision, now: float) -> None:
+        cpu = int(d.cpu_m)
+        if cpu < 1 or d.batch < 1 or d.replicas < 1:
+            raise ValueError(f"policy {self.policy.name!r} returned an invalid decision {d}")
+        if d.batch != self.batcher.batch_size:
+            self.batcher.batch_size = int(d.batch)
+            if d.batch >= len(self._lat):
+                self._retable(int(d.batch))
+        if cpu != self._cpu_target:
+            self._cpu_target = cpu
+            if self.cfg.resize_delay_ms == 0:
+                self._resize(cpu, now)
+            else:
+                self._push(now + self.cfg.resize_delay_ms, _RESIZE, cpu)
+        self._set_replicas(min(int(d.replicas), self.cfg.max_replicas), now)
+        self.current = d
+        self._dispatch(now)
+
+    def _tick(self, now: float, arrived: int) -> bool:
+        """Close the interval ending now, ask the policy, apply. Returns False when the run is over."""
+        cfg = self.cfg
+        self._integrate(now)
+        interval_cost = self._cost - self._cost_tick
+        self._cost_tick = self._cost
+        rate = (arrived - self._arr_tick) * 1000.0 / cfg.interval_ms
+        self._arr_tick = arrived
+        self._rates.append(rate)
+        active = sum(1 for r in self.live if not r.removing)
+        self.timeline.append(TimelineRecord(
+            t_ms=now, arrival_rps=rate, cpu_m=int(self.cpu), replicas=active,
+            total_cpu_m=int(round(interval_cost / cfg.interval_ms)), batch=self.batcher.batch_size,
+            queue_len=len(self.queue), feasible=bool(self.current.feasible),
+        ))
+        if self.progress is not None:
+            self.progress(min(now / self.req.duration_ms, 1.0) if self.req.duration_ms > 0 else 1.0)
+        if now >= self.req.duration_ms and (self._ended == self.n or now >= self.req.duration_ms + cfg.max_drain_ms):
+            return False
+        obs = self._observe(now, arrived)
+        d = self.policy.decide(obs)
+        if cfg.keep_explanations:
+            self.decisions.append((now, d))
+        self._apply(d, now)
+        self._push(now + cfg.interval_ms, _TICK)
+        return True
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+    def run(self) -> SimResult:
+        wall0 = time.perf_counter()
+        send = self._send
+        n = self.n
+        events = self._events
+        heappop = heapq.heappop
+        self._push(self.cfg.interval_ms, _TICK)
+        i = 0
+        n_events = 0
+        now = 0.0
+        while True:
+            t_ev = events[0][0]  # a tick is always pending until the end
+            if i < n and send[i] <= t_ev:
+                now = send[i]
+                self._arrive(i, now)
+                i += 1
+                continue
+            now, _, kind, a, b = heappop(events)
+            n_events += 1
+            if kind == _COMPLETE:
+                self._complete(a, b, now)
+            elif kind == _TICK:
+                if not self._tick(now, i):
+                    break
+            elif kind == _RESIZE:
+                self._resize(a, now)
+            elif kind == _READY:
+                if a.alive:
+                    a.ready = True
+                    if not a.removing:
+                        self.idle.append(a)
+                    self._dispatch(now)
+            elif kind == _WAKE:
+                if a == self._next_wake:
+                    self._next_wake = math.inf
+                    self._dispatch(now)
+        self._integrate(now)
+        # Whatever is still unanswered after the drain limit failed (counted, never silently dropped).
+        for j in range(n):
+            if self._outcome[j] == PENDING:
+                self._end(j, ERROR, math.nan)
+        if self._ended != n:
+            raise ConservationError(f"{n - self._ended} of {n} requests never ended")
+        return SimResult(
+            policy=getattr(self.policy, "name", type(self.policy).__name__),
+            requests=self.req,
+            outcome=np.asarray(self._outcome, dtype=np.int8),
+            server_ms=np.asarray(self._server, dtype=np.float64),
+            batch=np.asarray(self._batch, dtype=np.int32),
+            cpu_m=np.asarray(self._cpu, dtype=np.int32),
+            timeline=self.timeline,
+            decisions=self.decisions,
+            core_seconds=self._cost / 1e6,
+            end_ms=now,
+            wall_s=time.perf_counter() - wall0,
+            events=n_events + n,
+            config=self.cfg,
+        )
+
+
+def simulate(
+    requests: RequestSet,
+    model: LatencyModel,
+    policy: Policy,
+    config: SimConfig | None = None,
+    progress: Callable[[float], None] | None = None,
+) -> SimResult:
+    """Run `policy` on `requests` with service times from `model`. Pass a fresh policy per run (they keep
+    state such as hysteresis)."""
+    return Simulator(requests, model, policy, config, progress).run()
