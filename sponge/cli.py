@@ -45,8 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     from sponge import client
+    from sponge.report import cli as report_cli
 
     client.register(sub)
+    report_cli.register(sub)
     return parser
 
 

@@ -38,6 +38,8 @@ class ServerConfig(BaseModel):
     max_cpu_m: int | None = Field(None, ge=1, description="largest CPU per replica (default: all cores)")
     actuator: Literal["auto", "cgroup-v2", "cgroup-v1", "affinity", "none"] = "auto"
     policy: Literal["sponge", "paper", "static"] = "sponge"
+    profile: str | None = Field(None, description="latency profile JSON (default: <model>.profile.json)")
+    auto_profile: bool = Field(True, description="profile the model at start when no valid profile exists")
     interval_ms: float = Field(1000.0, gt=0)
     admin_token: str | None = Field(None, description="bearer token for /admin endpoints (unset: admin disabled)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"

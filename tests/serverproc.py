@@ -29,7 +29,8 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(f"/tmp/sponge-test-server-{self.port}.log")
         cmd = [sys.executable, "-m", "sponge.cli", "serve", "--port", str(self.port),
-               "--admin-token", ADMIN_TOKEN, "--log-level", "warning", *args]
+               "--admin-token", ADMIN_TOKEN, "--log-level", "warning", *(args or ()),
+               *([] if "--policy" in args else ["--policy", "static"])]
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})

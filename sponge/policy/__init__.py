@@ -1,0 +1,38 @@
+"""Pure decision code (DESIGN §2, §4): no I/O, no clocks, no threads; nothing from server/scaling/sim.
+
+The live controller and the simulator call the same policy objects once per adaptation interval.
+"""
+
+from sponge.policy.baselines import FA2LikePolicy, HPALikePolicy, StaticPolicy, VPALikePolicy
+from sponge.policy.feasibility import Check, Workload, build_workload, check, latency_bounds_ms
+from sponge.policy.joint import JointOptimizer
+from sponge.policy.paper import PaperOptimizer
+from sponge.policy.predictors import EWMA, MaxWindow, Predictor, Reactive, make_predictor
+from sponge.policy.registry import POLICY_NAMES, make_policy
+from sponge.policy.sponge_opt import SpongeOptimizer
+from sponge.policy.types import Decision, Observation, Policy
+
+__all__ = [
+    "Check",
+    "Decision",
+    "EWMA",
+    "FA2LikePolicy",
+    "HPALikePolicy",
+    "JointOptimizer",
+    "MaxWindow",
+    "Observation",
+    "POLICY_NAMES",
+    "PaperOptimizer",
+    "Policy",
+    "Predictor",
+    "Reactive",
+    "SpongeOptimizer",
+    "StaticPolicy",
+    "VPALikePolicy",
+    "Workload",
+    "build_workload",
+    "check",
+    "latency_bounds_ms",
+    "make_policy",
+    "make_predictor",
+]

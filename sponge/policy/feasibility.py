@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -68,39 +69,62 @@ class Check:
     load_rps: float
 
 
-def arrival_deadlines(
-    budgets_ms: Sequence[float] | np.ndarray,
-    load_rps: float,
-    *,
-    horizon_ms: float,
-    burst_z: float = 0.0,
-) -> np.ndarray:
-    """EDF-ordered deadlines (ms from now) of a stream at `load_rps` with budgets drawn from `budgets_ms`.
+@dataclass(frozen=True)
+class BudgetProfile:
+    """The measured budget distribution, prepared once per observation (sorted, safety applied).
 
-    Generates the arrivals whose deadline falls before `horizon_ms`, and always at least one (a request
-    with the tightest budget may arrive at any time, even at zero predicted load).
+    `unit_counts[k]` = integral_0^{s_k} F(x) dx = mean(max(0, s_k - s_j)): the number of arrivals with
+    deadline <= s_k per unit of rate (1/ms). Reused across candidate loads (the joint optimizer splits
+    the load n ways), because n(L) is linear in the rate.
     """
-    s = np.sort(np.asarray(budgets_ms, dtype=float))
-    m = s.size
-    if m == 0:
-        return np.empty(0)
-    rate = max(load_rps, 0.0) / 1000.0  # per ms
-    if rate == 0.0:
-        return s[:1].copy()
-    prefix = np.concatenate(([0.0], np.cumsum(s)[:-1]))
-    n_knots = rate * (np.arange(m) * s - prefix) / m  # n(L) at L = s_k; n(L) grows with slope rate*F(L)
-    n_last = float(n_knots[-1])
-    n_h = n_last + rate * max(horizon_ms - s[-1], 0.0)
-    n_jobs = int(math.floor(n_h + burst_z * math.sqrt(n_h))) + 1
-    i = np.arange(n_jobs, dtype=float)
-    x = ((np.sqrt(burst_z * burst_z + 4.0 * i) - burst_z) / 2.0) ** 2 if burst_z > 0 else i
-    inside = np.interp(x, n_knots, s)
-    beyond = s[-1] + (x - n_last) / rate
-    return np.where(x <= n_last, inside, beyond)
+
+    sorted_ms: np.ndarray
+    unit_counts: np.ndarray
+
+    @staticmethod
+    def of(budgets_ms: "Sequence[float] | np.ndarray | BudgetProfile", safety: float = 1.0) -> "BudgetProfile":
+        if isinstance(budgets_ms, BudgetProfile):
+            return budgets_ms
+        s = np.sort(np.asarray(budgets_ms, dtype=float)) * safety
+        if not s.size:
+            return BudgetProfile(s, s)
+        prefix = np.concatenate(([0.0], np.cumsum(s)[:-1]))
+        return BudgetProfile(s, (np.arange(s.size) * s - prefix) / s.size)
+
+    @property
+    def size(self) -> int:
+        return int(self.sorted_ms.size)
+
+    def arrival_deadlines(self, load_rps: float, *, horizon_ms: float, burst_z: float = 0.0) -> np.ndarray:
+        """EDF-ordered deadlines (ms from now) of a stream at `load_rps` with budgets drawn from this
+        profile, up to `horizon_ms`; always at least one (a request with the tightest budget may arrive
+        at any time, even at zero predicted load)."""
+        s = self.sorted_ms
+        if not s.size:
+            return np.empty(0)
+        rate = max(load_rps, 0.0) / 1000.0  # per ms
+        if rate == 0.0:
+            return s[:1].copy()
+        n_knots = rate * self.unit_counts  # n(L) at L = s_k; n(L) grows with slope rate * F(L)
+        n_last = float(n_knots[-1])
+        n_h = n_last + rate * max(horizon_ms - s[-1], 0.0)
+        n_jobs = int(math.floor(n_h + burst_z * math.sqrt(n_h))) + 1
+        i = np.arange(n_jobs, dtype=float)
+        x = ((np.sqrt(burst_z * burst_z + 4.0 * i) - burst_z) / 2.0) ** 2 if burst_z > 0 else i
+        inside = np.interp(x, n_knots, s)
+        beyond = s[-1] + (x - n_last) / rate
+        return np.where(x <= n_last, inside, beyond)
+
+
+def arrival_deadlines(
+    budgets_ms: Sequence[float] | np.ndarray, load_rps: float, *, horizon_ms: float, burst_z: float = 0.0
+) -> np.ndarray:
+    """EDF-ordered deadlines of predicted arrivals (see BudgetProfile.arrival_deadlines)."""
+    return BudgetProfile.of(budgets_ms).arrival_deadlines(load_rps, horizon_ms=horizon_ms, burst_z=burst_z)
 
 
 def build_workload(
-    budgets_ms: Sequence[float],
+    budgets_ms: "Sequence[float] | BudgetProfile",
     queue_remaining_ms: Sequence[float],
     load_rps: float,
     *,
@@ -109,19 +133,36 @@ def build_workload(
     burst_z: float = 0.0,
     floor_ms: float = 0.0,
 ) -> Workload:
-    """Backlog plus predicted arrivals as one EDF-ordered deadline list (see the module docstring)."""
-    budgets = np.asarray(budgets_ms, dtype=float) * safety
-    horizon = interval_ms + (float(budgets.max()) if budgets.size else 0.0)
-    arrivals = arrival_deadlines(budgets, load_rps, horizon_ms=horizon, burst_z=burst_z)
-    backlog = np.asarray(queue_remaining_ms, dtype=float) * safety
-    d = np.sort(np.concatenate((backlog, arrivals)))
+    """Backlog plus predicted arrivals as one EDF-ordered deadline list (see the module docstring).
+
+    `budgets_ms` may be a BudgetProfile already made with this `safety` (then it is used as is).
+    """
+    profile = BudgetProfile.of(budgets_ms, safety)
+    horizon = interval_ms + (float(profile.sorted_ms[-1]) if profile.size else 0.0)
+    arrivals = profile.arrival_deadlines(load_rps, horizon_ms=horizon, burst_z=burst_z)
+    if len(queue_remaining_ms):
+        backlog = np.asarray(queue_remaining_ms, dtype=float) * safety
+        d = np.sort(np.concatenate((backlog, arrivals)))
+    else:
+        backlog, d = arrivals[:0], arrivals  # arrivals are already in ascending order
     n_off = int(np.searchsorted(d, max(floor_ms, 1e-9), side="left"))
     return Workload(d, n_off, float(load_rps), int(backlog.size), int(arrivals.size))
 
 
-def _batch_heads(n_jobs: int, n_off: int, batches: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For each batch size, the batches that hold a constrained job: (batch index k, index of its
-    tightest constrained job, group start offsets), flattened over batch sizes."""
+@lru_cache(maxsize=256)
+def _batch_heads_all(n_jobs: int, n_off: int, max_batch: int) -> tuple[np.ndarray, ...]:
+    """_batch_heads for b = 1..max_batch, memoised: job counts repeat from one interval to the next."""
+    out = _batch_heads(n_jobs, n_off, np.arange(1, max_batch + 1))
+    for a in out:
+        a.setflags(write=False)
+    return out
+
+
+def _batch_heads(
+    n_jobs: int, n_off: int, batches: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For each batch size, the batches that hold a constrained job, flattened over batch sizes:
+    (batch index k, index of its tightest constrained job, group start offsets, group sizes)."""
     nk = -(-n_jobs // batches)  # ceil(n_jobs / b) batches
     kstart = n_off // batches  # first batch holding a constrained job
     counts = nk - kstart
@@ -130,7 +171,7 @@ def _batch_heads(n_jobs: int, n_off: int, batches: np.ndarray) -> tuple[np.ndarr
     within = np.arange(total) - np.repeat(starts, counts)
     k = np.repeat(kstart, counts) + within
     idx = np.maximum(k * np.repeat(batches, counts), n_off)
-    return k, idx, starts
+    return k, idx, starts, counts
 
 
 def latency_bounds_ms(w: Workload, max_batch: int, blocking: float = 1.0) -> np.ndarray:
@@ -138,7 +179,7 @@ def latency_bounds_ms(w: Workload, max_batch: int, blocking: float = 1.0) -> np.
     batches = np.arange(1, max_batch + 1)
     bounds = np.full(max_batch, np.inf)
     if w.n_jobs > w.n_written_off:
-        k, idx, starts = _batch_heads(w.n_jobs, w.n_written_off, batches)
+        k, idx, starts, _ = _batch_heads_all(w.n_jobs, w.n_written_off, max_batch)
         ratio = w.deadlines_ms[idx] / (k + 1.0 + blocking)
         bounds = np.minimum.reduceat(ratio, starts)
     if w.load_rps > 0:
@@ -146,11 +187,22 @@ def latency_bounds_ms(w: Workload, max_batch: int, blocking: float = 1.0) -> np.
     return bounds
 
 
+def worst_slacks_ms(w: Workload, batch_latency_ms: np.ndarray, blocking: float = 1.0) -> np.ndarray:
+    """Per batch size b = 1..len(batch_latency_ms): min over batches k of d[k*b] - (k+1+blocking)*l_b.
+    Negative values are the worst lateness; +inf when nothing constrains."""
+    lat = np.asarray(batch_latency_ms, dtype=float)
+    if w.n_jobs <= w.n_written_off:
+        return np.full(lat.size, np.inf)
+    k, idx, starts, counts = _batch_heads_all(w.n_jobs, w.n_written_off, lat.size)
+    slack = w.deadlines_ms[idx] - (k + 1.0 + blocking) * np.repeat(lat, counts)
+    return np.minimum.reduceat(slack, starts)
+
+
 def worst_slack_ms(w: Workload, batch_latency_ms: float, batch: int, blocking: float = 1.0) -> float:
     """min over batches k of d[k*b] - (k + 1 + blocking) * l: negative means the worst lateness."""
     if w.n_jobs <= w.n_written_off:
         return math.inf
-    k, idx, _ = _batch_heads(w.n_jobs, w.n_written_off, np.array([batch]))
+    k, idx, _, _ = _batch_heads(w.n_jobs, w.n_written_off, np.array([batch]))
     return float(np.min(w.deadlines_ms[idx] - (k + 1.0 + blocking) * batch_latency_ms))
 
 

@@ -16,14 +16,21 @@ Per interval:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Sequence
 
 import numpy as np
 
 from sponge.perf.latency_model import LatencyModel
-from sponge.policy.feasibility import Workload, build_workload, latency_bounds_ms, worst_slack_ms
+from sponge.policy.feasibility import (
+    BudgetProfile,
+    Workload,
+    build_workload,
+    latency_bounds_ms,
+    worst_slack_ms,
+    worst_slacks_ms,
+)
 from sponge.policy.hysteresis import DownscaleStabilizer
 from sponge.policy.predictors import Predictor, history_of, make_predictor
 from sponge.policy.types import Decision, Observation
@@ -36,9 +43,15 @@ class Plan:
     cpu_m: int
     batch: int
     feasible: bool
-    worst_slack_ms: float
+    batch_latency_ms: float  # l(batch, cpu_m)
     bounds_ms: np.ndarray  # per batch size: the largest feasible batch latency
     workload: Workload
+    blocking: float = 1.0
+
+    @cached_property
+    def worst_slack_ms(self) -> float:
+        """Worst (least) deadline slack of the plan; computed on demand, the search does not need it."""
+        return worst_slack_ms(self.workload, self.batch_latency_ms, self.batch, self.blocking)
 
 
 def cpu_grid(min_cpu_m: int, max_cpu_m: int, step_m: int) -> np.ndarray:
@@ -52,11 +65,12 @@ def cpu_grid(min_cpu_m: int, max_cpu_m: int, step_m: int) -> np.ndarray:
 
 
 def budget_summary(budgets_ms: Sequence[float]) -> str:
-    """p0/p10/p50/p90 of the budgets, for explanations."""
+    """p0/p10/p50/p90 of the budgets (nearest rank, cheaper than np.quantile), for explanations."""
     if not len(budgets_ms):
         return "budgets none"
-    q = np.quantile(np.asarray(budgets_ms, dtype=float), [0.0, 0.1, 0.5, 0.9])
-    return f"budgets p0/p10/p50/p90 {q[0]:.0f}/{q[1]:.0f}/{q[2]:.0f}/{q[3]:.0f} ms (n={len(budgets_ms)})"
+    s = np.sort(np.asarray(budgets_ms, dtype=float))
+    q = s[(np.array([0.0, 0.1, 0.5, 0.9]) * (s.size - 1)).round().astype(int)]
+    return f"budgets p0/p10/p50/p90 {q[0]:.0f}/{q[1]:.0f}/{q[2]:.0f}/{q[3]:.0f} ms (n={s.size})"
 
 
 def backlog_summary(w: Workload, queue_remaining_ms: Sequence[float]) -> str:
@@ -106,8 +120,16 @@ class SpongeOptimizer:
         self.floor_ms = float(model.latency_ms(1, max_cpu_m))
 
     # -- pure part -------------------------------------------------------------------------------------
+    def profile(self, budgets_ms: Sequence[float]) -> BudgetProfile:
+        """The budget distribution prepared once (sorted, safety applied) for several plans."""
+        return BudgetProfile.of(budgets_ms, self.safety)
+
     def workload(
-        self, budgets_ms: Sequence[float], queue_remaining_ms: Sequence[float], load_rps: float, interval_ms: float
+        self,
+        budgets_ms: Sequence[float] | BudgetProfile,
+        queue_remaining_ms: Sequence[float],
+        load_rps: float,
+        interval_ms: float,
     ) -> Workload:
         return build_workload(
             budgets_ms,
@@ -120,29 +142,55 @@ class SpongeOptimizer:
         )
 
     def plan(
-        self, budgets_ms: Sequence[float], queue_remaining_ms: Sequence[float], load_rps: float, interval_ms: float
+        self,
+        budgets_ms: Sequence[float] | BudgetProfile,
+        queue_remaining_ms: Sequence[float],
+        load_rps: float,
+        interval_ms: float,
     ) -> Plan:
         """Least CPU (then least batch) meeting every deadline for `load_rps` (headroom already applied)."""
         w = self.workload(budgets_ms, queue_remaining_ms, load_rps, interval_ms)
         bounds = latency_bounds_ms(w, self.max_batch, self.blocking)
-        ok = self._lat <= bounds[:, None]
-        has = ok.any(axis=1)
+        first = self.first_feasible(bounds)
+        has = first < self.grid.size
         if has.any():
-            first = ok.argmax(axis=1)
-            cpu_per_b = np.where(has, self.grid[first], np.iinfo(np.int64).max)
+            cpu_per_b = np.where(has, self.grid[np.minimum(first, self.grid.size - 1)], np.iinfo(np.int64).max)
             bi = int(np.argmin(cpu_per_b))  # first minimum: least CPU, then least batch
             lat = float(self._lat[bi, first[bi]])
-            slack = worst_slack_ms(w, lat, bi + 1, self.blocking)
-            return Plan(int(cpu_per_b[bi]), bi + 1, True, slack, bounds, w)
+            return Plan(int(cpu_per_b[bi]), bi + 1, True, lat, bounds, w, self.blocking)
         # Infeasible: full speed, and the batch whose worst lateness is least (largest worst slack).
         lat_max = self._lat[:, -1]
-        slacks = [worst_slack_ms(w, float(lat_max[i]), i + 1, self.blocking) for i in range(self.max_batch)]
+        slacks = worst_slacks_ms(w, lat_max, self.blocking)
         if w.load_rps > 0:  # a batch too small to keep up loses without bound beyond the horizon
             short = 1000.0 * self.batches / lat_max < w.load_rps
             if not short.all():
-                slacks = [s if not sh else -math.inf for s, sh in zip(slacks, short)]
+                slacks = np.where(short, -np.inf, slacks)
         bi = int(np.argmax(slacks))
-        return Plan(self.max_cpu_m, bi + 1, False, float(slacks[bi]), bounds, w)
+        return Plan(self.max_cpu_m, bi + 1, False, float(lat_max[bi]), bounds, w, self.blocking)
+
+    def first_feasible(self, bounds_ms: np.ndarray) -> np.ndarray:
+        """Per batch size, the index of the least grid CPU with l(b, c) <= bound (grid.size: none).
+
+        For the DESIGN §4 model, l(b,c) <= B solves in closed form: c >= 1000 (g b + e) / (B - d b - h)
+        millicores; the table check after it only corrects floating-point rounding. Any other latency
+        model (a subclass overriding latency_ms) is searched in the precomputed table instead.
+        """
+        size = self.grid.size
+        if type(self.model) is LatencyModel:
+            m, b = self.model, self.batches
+            room = bounds_ms - (m.d * b + m.h)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                need = np.where(room > 0, 1000.0 * (m.g * b + m.e) / room, np.inf)
+            idx = np.searchsorted(self.grid, need, side="left")
+            for _ in range(2):  # rounding: step forward where the table disagrees
+                inside = idx < size
+                bad = inside & (self._lat[b - 1, np.minimum(idx, size - 1)] > bounds_ms)
+                if not bad.any():
+                    break
+                idx = idx + bad
+            return idx
+        ok = self._lat <= bounds_ms[:, None]
+        return np.where(ok.any(axis=1), ok.argmax(axis=1), size)
 
     def least_batch_at(self, cpu_m: int, bounds_ms: np.ndarray) -> int | None:
         """The least batch size feasible at `cpu_m`, or None."""

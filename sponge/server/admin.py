@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from sponge.control import Controller
 from sponge.server.core import ServingCore
 from sponge.server.scaler import ReplicaScaler
 
@@ -31,7 +32,8 @@ def _bad(message: str, status: int = 400) -> Response:
     return Response(orjson.dumps({"error": message}), status_code=status, media_type="application/json")
 
 
-def install_admin(app: FastAPI, core: ServingCore, token: str | None, scaler: ReplicaScaler | None = None) -> None:
+def install_admin(app: FastAPI, core: ServingCore, token: str | None, scaler: ReplicaScaler | None = None,
+                  controller: Controller | None = None) -> None:
     def denied(request: Request) -> Response | None:
         if token is None:
             return Response('{"error":"admin API disabled: start the server with --admin-token"}',
@@ -77,5 +79,14 @@ def install_admin(app: FastAPI, core: ServingCore, token: str | None, scaler: Re
         except ValueError as exc:
             return _bad(str(exc).replace("batch size", "'batch'"))
         return {"batch": core.batcher.batch_size}
+
+    @app.get("/admin/decisions", tags=["admin"], summary="The controller's decision log (newest last)")
+    async def decisions(request: Request, since_ms: float = float("-inf")) -> Any:
+        if (resp := denied(request)) is not None:
+            return resp
+        if controller is None:
+            return {"policy": None, "decisions": []}
+        return {"policy": controller.policy.name, "interval_ms": controller.interval_ms, "now_ms": core.clock(),
+                "decisions": [e.as_dict() for e in controller.decisions if e.t_ms > since_ms]}
 
     app.state.admin_denied = denied

@@ -12,6 +12,11 @@ from typing import AsyncIterator
 from fastapi import FastAPI
 
 from sponge.config import ConfigError, ServerConfig
+from sponge.control import Controller
+from sponge.perf.latency_model import LatencyModel
+from sponge.policy.baselines import StaticPolicy
+from sponge.policy.registry import make_policy
+from sponge.policy.types import Decision, Policy
 from sponge.runtime.replica import Replica
 from sponge.scaling.base import CpuActuator
 from sponge.scaling.select import cleanup_all_stale, select_actuator
@@ -20,6 +25,7 @@ from sponge.scheduling.batcher import ExpiryPolicy
 from sponge.server.admin import install_admin
 from sponge.server.app import create_app
 from sponge.server.core import ServingCore
+from sponge.server.live import LiveApplier, LiveView
 from sponge.server.metrics import Metrics
 from sponge.server.scaler import NullActuator, ReplicaScaler
 
@@ -58,6 +64,37 @@ def make_actuators(cfg: ServerConfig, names: list[str], cpu_m: int) -> tuple[dic
     return chosen, reason
 
 
+def obtain_latency_model(cfg: ServerConfig, model_path: Path, max_cpu_m: int) -> LatencyModel:
+    """The model's fitted profile: loaded if valid, else (with auto_profile) measured now and saved."""
+    from sponge.perf.profile_store import ProfileError, load_profile, profile_path_for
+
+    path = Path(cfg.profile) if cfg.profile else profile_path_for(model_path)
+    try:
+        profile = load_profile(path, model_path)
+        log.info("latency profile %s: l(b,c) = %.3g*b/c + %.3g*b + %.3g/c + %.3g ms", path, profile.model.g,
+                 profile.model.d, profile.model.e, profile.model.h)
+        return profile.model
+    except FileNotFoundError:
+        why = f"no profile at {path}"
+    except (ProfileError, ValueError) as exc:
+        why = f"profile {path} refused: {exc}"
+    if not cfg.auto_profile or cfg.profile:
+        raise ConfigError(f"{why}; run `sponge profile --model {model_path}` or use --policy static")
+    from sponge.perf.profiler import quick_profile
+
+    log.warning("%s — profiling the model now (once; saved for later starts)", why)
+    profile = quick_profile(model_path, max_cpu_m=max_cpu_m, out=path, actuator=cfg.actuator)
+    return profile.model
+
+
+def make_policy_for(cfg: ServerConfig, model: LatencyModel | None, cpu_m: int, max_cpu_m: int) -> Policy:
+    if cfg.policy == "static" or model is None:
+        return StaticPolicy(cpu_m=cpu_m, batch=cfg.batch, replicas=cfg.replicas)
+    if cfg.policy == "paper":
+        return make_policy("paper", model, max_cores=max(1, max_cpu_m // 1000), max_batch=cfg.max_batch)
+    return make_policy("sponge", model, min_cpu_m=cfg.min_cpu_m, max_cpu_m=max_cpu_m, max_batch=cfg.max_batch)
+
+
 def build_app(cfg: ServerConfig) -> FastAPI:
     model_path, model_name = resolve_model(cfg)
     max_threads = len(os.sched_getaffinity(0))
@@ -74,6 +111,11 @@ def build_app(cfg: ServerConfig) -> FastAPI:
     scaler = ReplicaScaler(core, actuators, cfg.min_cpu_m, max_cpu_m)
     kind = next(iter(actuators.values())).kind
     log.warning("CPU actuator: %s — %s", kind, why)
+    latency_model = None if cfg.policy == "static" else obtain_latency_model(cfg, model_path, max_cpu_m)
+    policy = make_policy_for(cfg, latency_model, cpu_m, max_cpu_m)
+    controller = Controller(policy, LiveView(core, scaler), LiveApplier(core, scaler, cfg.max_batch),
+                            Decision(cpu_m, cfg.batch, cfg.replicas), cfg.interval_ms, clock=core.clock,
+                            on_decision=lambda e: metrics.decisions.labels(e.policy, str(e.feasible).lower()).inc())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -83,18 +125,21 @@ def build_app(cfg: ServerConfig) -> FastAPI:
             metrics.cpu.labels(r.name).set(cpu_m)
             metrics.threads.labels(r.name).set(r.threads)
         core.start()
+        control_task = asyncio.create_task(controller.run(), name="controller")
         log.info("serving %s (%s) on %d replica(s), %d m each, batch %d", model_name, model_path,
                  len(replicas), cpu_m, cfg.batch)
         try:
             yield
         finally:
+            control_task.cancel()
+            await asyncio.gather(control_task, return_exceptions=True)
             await core.close()
             scaler.close()
 
     app = create_app(core, max_body_bytes=cfg.max_body_bytes, default_slo_ms=cfg.default_slo_ms,
                      max_clock_skew_ms=cfg.max_clock_skew_ms, max_request_batch=cfg.max_request_batch,
                      lifespan=lifespan)
-    install_admin(app, core, cfg.admin_token, scaler)
+    install_admin(app, core, cfg.admin_token, scaler, controller)
     app.state.scaler = scaler
     return app
 

@@ -1,0 +1,54 @@
+"""Live adapters between the controller and the running server (the I/O edge of the loop)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+from sponge.policy.types import Decision
+from sponge.server.core import ServingCore
+from sponge.server.scaler import ReplicaScaler
+
+log = logging.getLogger("sponge.live")
+
+
+class LiveView:
+    """Reads arrivals, budgets, backlog and CPU usage from the serving core and the actuators."""
+
+    def __init__(self, core: ServingCore, scaler: ReplicaScaler) -> None:
+        self.core = core
+        self.scaler = scaler
+
+    def arrivals_total(self) -> int:
+        return self.core.arrivals
+
+    def take_budgets(self) -> Sequence[float]:
+        budgets, self.core.recent_budgets = self.core.recent_budgets, []
+        return budgets
+
+    def queue_remaining_ms(self, now_ms: float) -> Sequence[float]:
+        return self.core.queue.remaining_ms(now_ms)
+
+    def cpu_usage_ns(self) -> Sequence[int | None]:
+        return [self.scaler.cpu_usage_ns(r.name) for r in self.core.replicas]
+
+
+class LiveApplier:
+    """Applies decisions in place: resize every replica, set the batch size."""
+
+    def __init__(self, core: ServingCore, scaler: ReplicaScaler, max_batch: int) -> None:
+        self.core = core
+        self.scaler = scaler
+        self.max_batch = max_batch
+        self._warned_replicas = False
+
+    def apply(self, decision: Decision) -> None:
+        cpu_m = min(max(decision.cpu_m, self.scaler.min_cpu_m), self.scaler.max_cpu_m)
+        if any(self.core.cpu_m[r.name] != cpu_m for r in self.core.replicas):
+            self.scaler.resize_all(cpu_m)
+        self.core.set_batch(min(max(1, decision.batch), self.max_batch))
+        if decision.replicas != len(self.core.replicas) and not self._warned_replicas:
+            self._warned_replicas = True
+            log.warning("policy asked for %d replicas; the local server runs a fixed %d (horizontal scaling "
+                        "is simulated and done by Kubernetes in a cluster)", decision.replicas,
+                        len(self.core.replicas))
