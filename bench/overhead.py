@@ -18,10 +18,10 @@ import numpy as np
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from httpload import Conn, closed_loop  # noqa: E402
 from serverproc import ServerProcess  # noqa: E402
+
+from sponge.workload.httpclient import Conn, closed_loop  # noqa: E402
 
 from sponge.runtime.onnx_runtime import OnnxRuntime  # noqa: E402
 

@@ -46,8 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     from sponge import client
     from sponge.report import cli as report_cli
+    from sponge.workload import loadgen
 
     client.register(sub)
+    loadgen.register(sub)
     report_cli.register(sub)
     return parser
 

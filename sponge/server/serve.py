@@ -149,4 +149,7 @@ def run(cfg: ServerConfig) -> None:
 
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app = build_app(cfg)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=False)
+    # Keep idle client connections for 75 s (like common proxies), not uvicorn's 5 s: clients that
+    # send every few seconds would otherwise race the server closing their connection.
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=False,
+                timeout_keep_alive=75)
