@@ -1,0 +1,127 @@
+"""Live side-by-side run (issue 4): the default model on this machine, a Twitter window scaled to
+what 2 cores serve at peak, Ghent 4G budgets — static at all cores, static at the smallest allocation
+that holds the peak, `paper`, and `sponge`, one after another on the same replayed requests.
+
+Usage: python bench/live.py [--duration-s 600] [--slo-ms 400] [--out runs/live]
+Prints a table and, last, one JSON line; writes the runs, a side-by-side timeline PNG and summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from serverproc import ADMIN_TOKEN, ServerProcess  # noqa: E402
+
+from sponge.models.efficientnet_lite0 import default_model_path  # noqa: E402
+from sponge.perf.profile_store import load_profile, profile_path_for  # noqa: E402
+from sponge.policy.sponge_opt import SpongeOptimizer  # noqa: E402
+from sponge.report.plots import plot_timelines  # noqa: E402
+from sponge.report.results import read_run  # noqa: E402
+from sponge.report.summary import format_table, summarize  # noqa: E402
+from sponge.workload.loadgen import run_load  # noqa: E402
+from sponge.workload.scenario import Scenario  # noqa: E402
+
+
+def ensure_profile(model_path: Path):
+    try:
+        return load_profile(profile_path_for(model_path), model_path)
+    except (FileNotFoundError, ValueError, Exception) as exc:  # any refusal: measure anew
+        print(f"no usable profile ({exc}); profiling the default model first ...", flush=True)
+        from sponge.perf.profiler import profile_model
+
+        return profile_model(model_path)
+
+
+def smallest_static(model, scenario: Scenario, peak_rps: float, max_cpu_m: int, max_batch: int) -> tuple[int, int]:
+    """The least CPU (and its batch) that the sponge feasibility rule says holds the peak load with
+    the scenario's budget distribution and no backlog — the best a static allocation can be sized."""
+    budgets = [p.budget_ms for p in scenario.plan()]
+    opt = SpongeOptimizer(model, min_cpu_m=100, max_cpu_m=max_cpu_m, max_batch=max_batch)
+    plan = opt.plan(budgets, [], peak_rps * (1 + opt.headroom), 1000.0)
+    return int(plan.cpu_m), int(plan.batch)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--duration-s", type=int, default=600)
+    ap.add_argument("--window", default="bursty")
+    ap.add_argument("--slo-ms", type=float, default=400.0)
+    ap.add_argument("--image-kib", type=float, default=200.0)
+    ap.add_argument("--peak-fraction", type=float, default=0.5,
+                    help="peak load as a fraction of the model's best throughput at all cores (the rest of the "
+                         "machine runs the HTTP server and this load generator)")
+    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--policies", default="static-max,static-peak,paper,sponge")
+    ap.add_argument("--out", default="runs/live")
+    args = ap.parse_args()
+
+    cores = len(os.sched_getaffinity(0))
+    max_cpu_m = 1000 * cores
+    model_path = default_model_path()
+    profile = ensure_profile(model_path)
+    m = profile.model
+    best = max(m.throughput_rps(b, max_cpu_m) for b in range(1, args.max_batch + 1))
+    peak = round(args.peak_fraction * best, 1)
+    scenario = Scenario(trace=f"twitter:{args.window}", peak_rps=peak, duration_s=args.duration_s,
+                        slo_ms=args.slo_ms, image_kib=args.image_kib)
+    budgets = np.array([p.budget_ms for p in scenario.plan()])
+    static_cpu, static_b = smallest_static(m, scenario, peak, max_cpu_m, args.max_batch)
+    print(f"model best {best:.0f} req/s at {max_cpu_m} m -> peak {peak} req/s; {len(budgets)} requests, "
+          f"budgets p1/p50/p99 {np.percentile(budgets, 1):.0f}/{np.percentile(budgets, 50):.0f}/"
+          f"{np.percentile(budgets, 99):.0f} ms; static-peak = {static_cpu} m batch {static_b}", flush=True)
+
+    configs = {
+        "static-max": ["--policy", "static", "--cpu-m", str(max_cpu_m), "--batch", str(static_b)],
+        "static-peak": ["--policy", "static", "--cpu-m", str(static_cpu), "--batch", str(static_b)],
+        "paper": ["--policy", "paper", "--cpu-m", str(max_cpu_m)],
+        "sponge": ["--policy", "sponge", "--cpu-m", str(max_cpu_m)],
+    }
+    out = Path(args.out)
+    runs = {}
+    for name in args.policies.split(","):
+        print(f"\n== {name}: {' '.join(configs[name])} ({args.duration_s} s) ==", flush=True)
+        srv = ServerProcess(*configs[name], "--max-batch", str(args.max_batch), "--log-level", "warning")
+        try:
+            time.sleep(1.0)
+            run_load(scenario, srv.url, "efficientnet-lite0", out / name, ADMIN_TOKEN, label=name)
+        finally:
+            srv.stop()
+        reqs, tl, _ = read_run(out / name)
+        runs[name] = (reqs, tl)
+
+    summaries = {n: summarize(r, t) for n, (r, t) in runs.items()}
+    print("\n" + format_table(summaries))
+    png = plot_timelines(runs, out / "timelines.png",
+                         title=f"live: {args.window} window, peak {peak} req/s, SLO {args.slo_ms:.0f} ms, 4G budgets")
+    figures = {n: s.as_dict() for n, s in summaries.items()}
+    ref = summaries.get("static-max")
+    if ref is not None:
+        for n, s in summaries.items():
+            figures[n]["core_seconds_vs_static_max"] = s.core_seconds / ref.core_seconds
+    print(f"timelines: {png}")
+    if "sponge" in summaries and ref is not None:
+        sp = summaries["sponge"]
+        print(f"targets (sponge): attainment >= 99 %: {sp.attainment:.2%}; core-s <= 0.8x static-max: "
+              f"{sp.core_seconds / ref.core_seconds:.2f}x", end="")
+        if "paper" in summaries:
+            pa = summaries["paper"]
+            print(f"; vs paper: attainment {sp.attainment:.2%} vs {pa.attainment:.2%}, core-s "
+                  f"{sp.core_seconds:.0f} vs {pa.core_seconds:.0f}")
+        else:
+            print()
+    print(json.dumps({"bench": "live", "peak_rps": peak, "slo_ms": args.slo_ms, "duration_s": args.duration_s,
+                      "static_peak_cpu_m": static_cpu, "runs": figures}, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
