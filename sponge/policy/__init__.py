@@ -4,7 +4,15 @@ The live controller and the simulator call the same policy objects once per adap
 """
 
 from sponge.policy.baselines import FA2LikePolicy, HPALikePolicy, StaticPolicy, VPALikePolicy
-from sponge.policy.feasibility import Check, Workload, build_workload, check, latency_bounds_ms
+from sponge.policy.feasibility import (
+    BudgetProfile,
+    Check,
+    Workload,
+    build_workload,
+    check,
+    latency_bounds_ms,
+    worst_slack_ms,
+)
 from sponge.policy.joint import JointOptimizer
 from sponge.policy.paper import PaperOptimizer
 from sponge.policy.predictors import EWMA, MaxWindow, Predictor, Reactive, make_predictor
@@ -13,6 +21,7 @@ from sponge.policy.sponge_opt import SpongeOptimizer
 from sponge.policy.types import Decision, Observation, Policy
 
 __all__ = [
+    "BudgetProfile",
     "Check",
     "Decision",
     "EWMA",
@@ -35,4 +44,5 @@ __all__ = [
     "latency_bounds_ms",
     "make_policy",
     "make_predictor",
+    "worst_slack_ms",
 ]

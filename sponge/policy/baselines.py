@@ -1,6 +1,8 @@
 """Baselines to compare Sponge against (DESIGN §7): static, VPA-like, HPA-like and FA2-like policies.
 
-Each is a pure policy over Observation. Where a baseline imitates a Kubernetes component, its defaults
+Each is pure: no I/O, no clock (time is Observation.now_ms); the VPA- and HPA-like ones keep state (a
+usage histogram, sync timers, recent recommendations) as the originals do. Where a baseline imitates a
+Kubernetes component, its defaults
 are that component's defaults (sources named per class) and every duration is a parameter, so a short
 experiment can scale them down (e.g. `time_scale=1/1440` turns the VPA's day into a minute).
 """
@@ -18,6 +20,11 @@ from sponge.policy.predictors import Predictor, history_of, make_predictor
 from sponge.policy.types import Decision, Observation
 
 DAY_MS = 86_400_000.0
+
+
+def finite(values: "tuple[float, ...]") -> list[float]:
+    """The measured values only: a replica whose usage could not be read reports NaN."""
+    return [float(v) for v in values if math.isfinite(v)]
 
 
 class StaticPolicy:
@@ -146,10 +153,11 @@ class VPALikePolicy:
 
     def decide(self, obs: Observation) -> Decision:
         cur = obs.current
-        for usage in obs.cpu_usage_m:
-            self.histogram.add(float(usage), max(float(cur.cpu_m), self.min_sample_weight_m), obs.now_ms)
+        usage_m = finite(obs.cpu_usage_m)
+        for usage in usage_m:
+            self.histogram.add(usage, max(float(cur.cpu_m), self.min_sample_weight_m), obs.now_ms)
             self._samples += 1
-        if obs.cpu_usage_m:
+        if usage_m:
             self._first_ms = obs.now_ms if self._first_ms is None else self._first_ms
             self._last_ms = obs.now_ms
         lower, target, upper = self.recommendation()
@@ -160,7 +168,7 @@ class VPALikePolicy:
             cpu = int(min(max(math.ceil(target), self.min_cpu_m), self.max_cpu_m))
             action = "outside bounds: apply target"
         explanation = (
-            f"vpa: usage {','.join(f'{u:.0f}' for u in obs.cpu_usage_m) or 'none'} m, "
+            f"vpa: usage {','.join(f'{u:.0f}' for u in usage_m) or 'none'} m, "
             f"bounds [{lower:.0f}, {upper:.0f}] target {target:.0f}m, confidence {self.confidence():.3f} d; "
             f"{cur.cpu_m}m {action} -> {cpu}m b={batch}"
         )
@@ -211,7 +219,7 @@ class HPALikePolicy:
     def recommend(self, obs: Observation) -> tuple[int, str]:
         """This sync's raw recommendation (before stabilisation and rate limits)."""
         cur = obs.current.replicas
-        usage = obs.cpu_usage_m
+        usage = finite(obs.cpu_usage_m)
         if not usage:
             return cur, "no usage samples"
         ready = len(usage)
@@ -244,8 +252,9 @@ class HPALikePolicy:
         else:
             desired = min(cur, max(r for _, r in self._recs))
         desired = min(max(desired, self.min_replicas), self.max_replicas)
+        usage = ",".join(f"{u:.0f}" for u in finite(obs.cpu_usage_m)) or "none"
         explanation = (
-            f"hpa: {why}; usage {','.join(f'{u:.0f}' for u in obs.cpu_usage_m) or 'none'} m of {obs.current.cpu_m}m, "
+            f"hpa: {why}; usage {usage} m of {obs.current.cpu_m}m, "
             f"recommend {rec}, stabilised {cur} -> {desired} replicas x {self.cpu_m}m b={self.batch}"
         )
         return Decision(self.cpu_m, self.batch, desired, True, explanation)

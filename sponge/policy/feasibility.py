@@ -1,4 +1,4 @@
-"""The feasibility arithmetic behind SpongeOptimizer, pure and reusable (the simulator's oracle uses it).
+"""The feasibility arithmetic behind SpongeOptimizer, pure and reusable (e.g. by a simulator's oracle).
 
 The rule ("EDF batch rule"), for one replica serving batches of at most `b` at `c` millicores:
 
@@ -10,9 +10,10 @@ The rule ("EDF batch rule"), for one replica serving batches of at most `b` at `
          n(L) = load * integral_0^L F(x) dx = load * mean(max(0, L - budget_i)),
      and the i-th arrival in EDF order has deadline n^-1(i). Tight budgets come first and rare tight
      requests are spread out in time; loose requests can wait behind them. With a burst allowance z the
-     count is inflated to n + z*sqrt(n) (a Poisson stream's one-sigma excess), pulling deadlines earlier.
-   Every deadline is multiplied by `safety` (0.9, the paper's margin for model error). Arrivals are
-   generated up to one interval plus the largest budget, the work the next decision cannot revisit.
+     count is inflated to n + z*sqrt(n) (z standard deviations of a Poisson count), pulling deadlines
+     earlier. Every deadline is multiplied by `safety` (0.9, the paper's margin for model error).
+     Arrivals are generated up to one interval plus the largest budget: every arrival of the next
+     interval (later ones are the next decision's business).
 2. Batches. EDF serves job j in batch floor(j/b); batch k finishes at (k + 1 + blocking) * l(b, c): one
    batch may already be running when the jobs arrive (non-preemptive blocking, approximated by one batch
    of the candidate configuration, since an in-place resize speeds the running batch up too), then the
@@ -185,6 +186,63 @@ def latency_bounds_ms(w: Workload, max_batch: int, blocking: float = 1.0) -> np.
     if w.load_rps > 0:
         bounds = np.minimum(bounds, 1000.0 * batches / w.load_rps)
     return bounds
+
+
+def arrival_bounds_for_loads(
+    profile: BudgetProfile,
+    loads_rps: np.ndarray,
+    max_batch: int,
+    *,
+    interval_ms: float = 1000.0,
+    burst_z: float = 0.0,
+    floor_ms: float = 0.0,
+    blocking: float = 1.0,
+) -> np.ndarray:
+    """latency_bounds_ms for arrivals only (no backlog) at several loads at once: shape (loads, batches).
+
+    Row j equals latency_bounds_ms(build_workload(profile, (), loads_rps[j], ...)); it is vectorised
+    because the joint optimizer asks it for every replica count n (load/n) in one interval. The trick:
+    the arrivals at rate r have deadlines G^-1(x_i / r) where G is the rate-free count profile.
+    """
+    loads = np.asarray(loads_rps, dtype=float)
+    batches = np.arange(1, max_batch + 1)
+    out = np.full((loads.size, max_batch), np.inf)
+    s = profile.sorted_ms
+    if not s.size or not loads.size:
+        return out
+    rates = np.maximum(loads, 0.0) / 1000.0
+    u_last = float(profile.unit_counts[-1])
+    horizon = interval_ms + float(s[-1])
+    n_h = rates * (u_last + max(horizon - s[-1], 0.0))
+    n_jobs = np.where(rates > 0, np.floor(n_h + burst_z * np.sqrt(n_h)).astype(np.int64) + 1, 1)
+    job_start = np.cumsum(n_jobs) - n_jobs
+    i = np.arange(int(n_jobs.sum())) - np.repeat(job_start, n_jobs)
+    x = ((np.sqrt(burst_z * burst_z + 4.0 * i) - burst_z) / 2.0) ** 2 if burst_z > 0 else i.astype(float)
+    r = np.repeat(rates, n_jobs)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u = np.where(r > 0, x / r, 0.0)  # rate-free count: deadline = G^-1(u)
+    d = np.where(u <= u_last, np.interp(u, profile.unit_counts, s), s[-1] + (u - u_last))
+    below = d < max(floor_ms, 1e-9)
+    n_off = np.add.reduceat(below.astype(np.int64), job_start)
+    # batch heads for every (load, batch size) pair, flattened
+    nj = np.repeat(n_jobs, max_batch)
+    no = np.repeat(n_off, max_batch)
+    bb = np.tile(batches, loads.size)
+    counts = np.where(no < nj, -(-nj // bb) - no // bb, 0)
+    total = int(counts.sum())
+    if total:
+        starts = np.cumsum(counts) - counts
+        k = np.repeat(no // bb, counts) + (np.arange(total) - np.repeat(starts, counts))
+        idx = np.maximum(k * np.repeat(bb, counts), np.repeat(no, counts))
+        idx += np.repeat(np.repeat(job_start, max_batch), counts)
+        ratio = d[idx] / (k + 1.0 + blocking)
+        has = counts > 0
+        flat = np.full(has.size, np.inf)
+        flat[has] = np.minimum.reduceat(ratio, starts[has])
+        out = flat.reshape(loads.size, max_batch)
+    with np.errstate(divide="ignore"):
+        thr = np.where(loads[:, None] > 0, 1000.0 * batches[None, :] / loads[:, None], np.inf)
+    return np.minimum(out, thr)
 
 
 def worst_slacks_ms(w: Workload, batch_latency_ms: np.ndarray, blocking: float = 1.0) -> np.ndarray:

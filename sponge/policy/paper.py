@@ -67,7 +67,8 @@ class PaperOptimizer:
         head = f"paper: load {obs.arrival_rate_rps:.1f} rps, predicted {load:.1f}, {budget_summary(obs.budgets_ms)}"
         if not math.isfinite(budget_min) and load > 0:
             cur = obs.current
-            return Decision(cur.cpu_m, cur.batch, 1, True, f"{head} -> no budgets observed: keep {cur.cpu_m}m b={cur.batch}")
+            keep = f"{head} -> no budgets observed: keep {cur.cpu_m}m b={cur.batch}"
+            return Decision(cur.cpu_m, cur.batch, 1, True, keep)
         pick = self.choose(load, budget_min)
         if pick is None:
             cur = obs.current
