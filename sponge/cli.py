@@ -4,30 +4,33 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import Any, Literal, Sequence, get_args, get_origin
 
 from sponge.config import ConfigError, ServerConfig
 
 
+def _flag_type(annotation: Any) -> tuple[Any, tuple[Any, ...] | None]:
+    """argparse type and choices for a config field's annotation (X | None, Literal[...], bool ...)."""
+    args = [a for a in get_args(annotation) if a is not type(None)] or [annotation]
+    inner = args[0] if len(args) == 1 else annotation
+    if get_origin(inner) is Literal:
+        return str, get_args(inner)
+    return (inner if inner in (int, float, str, bool) else str), None
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
+    """`sponge serve`: one flag per ServerConfig field, so flags and config can never drift apart."""
     p = sub.add_parser("serve", help="serve a model over the Open Inference Protocol (V2)")
     p.add_argument("--config", help="TOML or JSON config file (flags and SPONGE_* env vars override it)")
-    p.add_argument("--model", help="path to an .onnx model (default: packaged EfficientNet-Lite0)")
-    p.add_argument("--model-name", dest="model_name")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--cpu-m", dest="cpu_m", type=int, help="CPU per replica in millicores (static allocation)")
-    p.add_argument("--batch", type=int, help="batch size")
-    p.add_argument("--max-batch", dest="max_batch", type=int)
-    p.add_argument("--replicas", type=int)
-    p.add_argument("--default-slo-ms", dest="default_slo_ms", type=float)
-    p.add_argument("--expiry-policy", dest="expiry_policy", choices=["reject", "serve_late"])
-    p.add_argument("--queue-capacity", dest="queue_capacity", type=int)
-    p.add_argument("--policy", choices=["sponge", "paper", "static"])
-    p.add_argument("--actuator", choices=["auto", "cgroup-v2", "cgroup-v1", "affinity", "none"])
-    p.add_argument("--interval-ms", dest="interval_ms", type=float)
-    p.add_argument("--admin-token", dest="admin_token")
-    p.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
+    for name, field in ServerConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        typ, choices = _flag_type(field.annotation)
+        helptext = field.description or ""
+        if typ is bool:
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=helptext)
+        else:
+            p.add_argument(flag, dest=name, type=typ, choices=choices, default=None,
+                           help=f"{helptext} (default: {field.default})".strip())
     p.set_defaults(func=_serve)
 
 
