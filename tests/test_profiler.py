@@ -1,0 +1,239 @@
+"""The profiler for real: one replica process resized in place through the cgroup actuator; a saved
+profile that load_profile accepts; and a live demonstration that a resize of the same replica changes
+its latency as the fitted model predicts."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sponge.perf.fit import ProfilePoint, evaluate
+from sponge.perf.profile_store import load_profile
+from sponge.perf.profiler import (
+    HostLoad,
+    _actuator_cpu_grid,
+    default_cpu_grid,
+    format_grid,
+    png_path_for,
+    random_inputs,
+    run_profile,
+)
+from sponge.runtime.base import TensorSpec
+
+V1_MOUNT = Path("/sys/fs/cgroup/cpu")
+
+
+def _cgroup_writable() -> str | None:
+    """None if a CFS quota can be written here, else why not."""
+    from sponge.scaling.base import ActuatorError
+    from sponge.scaling.select import select_actuator
+
+    try:
+        sel = select_actuator(f"probe{os.getpid()}", prefer="auto")
+    except (ActuatorError, OSError) as exc:
+        return f"no writable cgroup: {exc}"
+    try:
+        if sel.actuator.kind == "affinity":
+            return f"no writable cgroup cpu controller (only {sel.reason})"
+        return None
+    finally:
+        sel.actuator.close()
+
+
+NO_CGROUP = _cgroup_writable()
+needs_cgroup = pytest.mark.skipif(NO_CGROUP is not None, reason=f"fractional CPU needs a CFS quota: {NO_CGROUP}")
+
+# The small grid of the real runs: b=4 and b=16 at 500, 1000 and 2000 m (6 cells, ~0.4-1.7 s each).
+# Why not b=1 or 2: under the 100 ms CFS period a small batch at 500 m usually runs at full speed and
+# sometimes waits ~50 ms for the next period, a tail the four-term model cannot express (bench/profile.py
+# shows it); batches of 4+ span the throttling and follow 1/c. The demonstration uses b=8, between the
+# profiled sizes, so it also checks the model's interpolation in b.
+BATCHES = (4, 16)
+CPUS = (500, 1000, 2000)
+DEMO_BATCH = 8
+# Acceptance of the small profile. A cell here has 4-15 samples, so its "p99" is its maximum and one
+# disturbance from another process on this shared 2-core host moves it by up to ~50 % (seen: 132 ms
+# instead of 82 ms for b=16 at 2000 m). The 15 % limit is what bench/profile.py checks on the full grid
+# with up to 40 samples per cell; this test checks the pipeline (measure, fit, save, load) with 35 %.
+SMALL_MAX_P95 = 0.35
+
+
+# -- pure pieces --------------------------------------------------------------------------------------
+
+
+def test_default_cpu_grid() -> None:
+    assert default_cpu_grid(2000) == (250, 500, 750, 1000, 1500, 2000)
+    assert default_cpu_grid(1000) == (250, 500, 750, 1000)
+    assert default_cpu_grid(4000) == (250, 500, 750, 1000, 1500, 2000, 3000, 4000)
+    assert default_cpu_grid(2500) == (250, 500, 750, 1000, 1500, 2000, 2500)
+    with pytest.raises(ValueError):
+        default_cpu_grid(100)
+
+
+def test_whole_core_actuator_rounds_the_grid_up() -> None:
+    assert _actuator_cpu_grid([250, 500, 1000, 1500, 2000], 1000) == [1000, 2000]
+    assert _actuator_cpu_grid([250, 500], 1) == [250, 500]
+
+
+def test_random_inputs_follow_specs() -> None:
+    specs = [TensorSpec("image", "UINT8", (-1, 224, 224, 3)), TensorSpec("mask", "FP32", (-1, -1)),
+             TensorSpec("ids", "INT64", (-1, 7))]
+    x = random_inputs(specs, 5, np.random.default_rng(1))
+    assert x["image"].shape == (5, 224, 224, 3) and x["image"].dtype == np.uint8
+    assert x["mask"].shape == (5, 1) and x["mask"].dtype == np.float32
+    assert x["ids"].shape == (5, 7) and x["ids"].dtype == np.int64
+    with pytest.raises(ValueError):
+        random_inputs([TensorSpec("s", "BYTES", (-1,))], 1)
+
+
+def test_png_path_and_grid_table() -> None:
+    assert png_path_for("/m/x.onnx.profile.json") == Path("/m/x.onnx.profile.png")
+    from sponge.perf.profile_store import GridCell
+
+    table = format_grid([GridCell(1, 500, 10.0, 20.0, 5, holdout=True), GridCell(2, 500, 30.0, 40.0, 5)])
+    assert "10.0/20.0*" in table and "30.0/40.0" in table
+
+
+def test_host_load_contention_rule() -> None:
+    class NoMeter:
+        pass
+
+    h = HostLoad(NoMeter(), n_cpus=2)
+    assert not h.contended(0.1, 2000, 2)
+    assert h.contended(0.3, 2000, 2)  # 2000 m on 2 cores: nothing may be left to others
+    assert not h.contended(0.6, 1500, 2)  # 1500 m leaves 0.5 cores (+0.15 tolerance)
+    assert h.contended(0.7, 1500, 2)
+    assert not h.contended(1.6, 500, 1)
+    assert h.contended(1.7, 500, 1)
+    assert h.sample() >= 0.0
+
+
+def test_cli_registers_profile_subcommand() -> None:
+    from sponge.perf.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["profile", "--batches", "1,4", "--cpu-m", "500,1000", "--reps", "7",
+                              "--actuator", "cgroup-v1", "--out", "/tmp/x.json"])
+    assert args.batches == [1, 4] and args.cpu_m == [500, 1000] and args.reps == 7
+    assert args.actuator == "cgroup-v1" and args.out == "/tmp/x.json" and callable(args.func)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["profile", "--batches", "1,x"])
+
+
+# -- real runs ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private copy of the default model, so the test's profile never replaces the real one."""
+    from sponge.models.efficientnet_lite0 import default_model_path
+
+    dst = tmp_path_factory.mktemp("model") / "efficientnet-lite0.onnx"
+    dst.write_bytes(default_model_path().read_bytes())
+    return dst
+
+
+@pytest.fixture(scope="module")
+def small_run(model_file: Path):
+    return run_profile(model_file, BATCHES, CPUS, warmup=1, reps=15, min_reps=4, cell_seconds=0.4, progress=False,
+                       retries=1, retry_budget_s=5.0, max_p95_rel_err=SMALL_MAX_P95)
+
+
+@pytest.mark.slow
+@needs_cgroup
+def test_small_real_profile_is_saved_and_accepted(small_run, model_file: Path) -> None:
+    run = small_run
+    assert {(c.batch, c.cpu_m) for c in run.cells} == {(b, c) for b in BATCHES for c in CPUS}
+    assert all(c.n >= 4 for c in run.cells)
+    assert all(c.threads == -(-c.cpu_m // 1000) for c in run.cells)  # threads followed each allocation
+    # more CPU is faster and bigger batches are slower (cells, not the fit). The mean, not the median:
+    # at 500 m a batch of 4 (36 ms of CPU) fits in one period's 50 ms quota or waits for the next one,
+    # so its median flips between ~40 and ~85 ms, while the mean is the work divided by the allocation.
+    by = {(c.batch, c.cpu_m): c.mean_ms for c in run.cells}
+    for b in BATCHES:
+        assert by[(b, 500)] > by[(b, 1000)] * 1.5 > by[(b, 2000)] * 1.5 * 1.4, by
+    assert by[(16, 1000)] > by[(4, 1000)] * 3, by
+    assert run.profile_path == model_file.with_name(model_file.name + ".profile.json"), run.problems
+    assert run.png_path is not None and run.png_path.stat().st_size > 10_000
+    # the store's own acceptance checks (R² >= 0.95 as usual; the p95 limit of this small grid, see above)
+    prof = load_profile(run.profile_path, model_file, max_p95_rel_err=SMALL_MAX_P95)
+    assert prof.model == run.profile.model and len(prof.grid) == 6
+    assert prof.statistic == "p99_ms"
+    assert prof.machine["profiled_with"]["cfs_period_us"] == 100_000  # what `sponge serve` uses
+    assert len({run.pid}) == 1 and run.pid > 0
+
+
+@pytest.mark.slow
+@needs_cgroup
+def test_live_resize_changes_latency_as_the_model_predicts(small_run, model_file: Path) -> None:
+    """The same load (batches of 8 back to back) on ONE replica process at 2000 m, then 500 m, then
+    2000 m again, each applied in place through the actuator: the latency changes as the fitted
+    model predicts.
+
+    What is compared: the p99 of each phase (the statistic the model was fitted to) and the ratio
+    p99(500 m) / p99(2000 m), against l(8, 500) and l(8, 2000). Of the two 2000 m phases the lower p99
+    counts (one disturbance by another process must not decide the test; both phases show that the
+    step back up works). Tolerance: the model's own error on the profiled cells (max |rel err|,
+    `fit_err`) plus 25 % for re-measuring a p99 from ~5-15 samples on a shared 2-core host (its
+    maximum; repeated cells here varied by up to ~20 % when no other process competed); the ratio
+    combines two such values, so it gets twice that. The model must also get the size right: a
+    quarter of the CPU is more than twice as slow.
+    """
+    from sponge.perf.profiler import open_actuator, wait_threads_follow
+    from sponge.runtime.replica import Replica
+    from sponge.scaling.self_limit import threads_for
+
+    model = small_run.profile.model
+    fit_err = small_run.overall.max_rel_err
+    predicted = {c: model.latency_ms(DEMO_BATCH, c) for c in (2000, 500)}
+
+    async def scenario() -> tuple[dict[str, list[float]], list[int], float]:
+        sel = open_actuator("demo")
+        act = sel.actuator
+        rep = Replica("demo", str(model_file), threads=2, max_threads=2)
+        load = HostLoad(act)
+        phases: dict[str, list[float]] = {}
+        pids: list[int] = []
+        other = 0.0
+        try:
+            await rep.start()
+            act.attach(rep.pid)
+            x = random_inputs(rep.inputs, DEMO_BATCH)
+            for name, cpu in (("2000a", 2000), ("500", 500), ("2000b", 2000)):
+                act.apply(cpu)
+                _, followed = await wait_threads_follow(rep, threads_for(cpu), x)
+                assert followed, "the replica did not follow its new quota by itself"
+                await rep.infer(x)  # warm-up at this allocation
+                load.sample()
+                ms: list[float] = []
+                t0 = time.monotonic()
+                while len(ms) < 5 or (time.monotonic() - t0 < 0.8 and len(ms) < 15):
+                    ms.append((await rep.infer(x)).infer_ms)
+                other = max(other, load.sample())
+                phases[name] = ms
+                pids.append(rep.pid)
+        finally:
+            await rep.stop()
+            act.close()
+        return phases, pids, other
+
+    phases, pids, other = asyncio.run(scenario())
+    assert len(set(pids)) == 1, f"the replica was restarted: pids {pids}"
+    p99 = {k: float(np.percentile(v, 99)) for k, v in phases.items()}
+    fast = min(p99["2000a"], p99["2000b"])
+    measured_ratio = p99["500"] / fast
+    predicted_ratio = predicted[500] / predicted[2000]
+    tol = fit_err + 0.25
+    msg = (f"p99 {p99}, model {predicted}, ratio measured {measured_ratio:.2f} vs predicted {predicted_ratio:.2f}, "
+           f"fit max err {fit_err:.0%}, other processes used up to {other:.2f} cores")
+    assert measured_ratio > 2.0, msg
+    assert abs(measured_ratio / predicted_ratio - 1) <= 2 * tol, msg
+    err = evaluate(model, [ProfilePoint(DEMO_BATCH, 500, p99["500"]), ProfilePoint(DEMO_BATCH, 2000, fast)])
+    assert err.max_rel_err <= tol, msg
