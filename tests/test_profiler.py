@@ -127,6 +127,60 @@ def test_cli_registers_profile_subcommand() -> None:
         parser.parse_args(["profile", "--batches", "1,x"])
 
 
+def _synthetic_cells(noise: float, seed: int = 3) -> list:
+    from sponge.perf.latency_model import LatencyModel
+    from sponge.perf.profiler import CellStats
+
+    truth = LatencyModel(g=9.0, d=1.0, e=2.0, h=1.0)
+    rng = np.random.default_rng(seed)
+    cells = []
+    for b in (1, 2, 4, 8):
+        for c in (250, 500, 1000, 2000):
+            base = truth.latency_ms(b, c)
+            samples = list(base * (1 + noise * rng.standard_normal(20)).clip(0.2))
+            cells.append(CellStats(b, c, samples, threads=-(-c // 1000), wall_s=1.0))
+    return cells
+
+
+def test_fit_and_store_accepts_a_good_grid_and_refuses_a_bad_one(tmp_path: Path) -> None:
+    from sponge.perf.profiler import _fit_and_store
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"not really onnx, only hashed")
+    kw = dict(conditions={"actuator": "test", "cfs_period_us": 100_000}, statistic="median_ms",
+              weighting="relative", holdout_every=4, out=None, png=True, save=True, min_r2=0.95,
+              max_p95_rel_err=0.15, actuator_reason="test", pid=1)
+    good = _fit_and_store(model, _synthetic_cells(0.01), **kw)
+    assert good.accepted and good.holdout is not None and good.holdout.n == 4
+    assert good.profile_path == tmp_path / "m.onnx.profile.json" and good.png_path.is_file()
+    assert sum(c.holdout for c in good.profile.grid) == 4
+    prof = load_profile(good.profile_path, model)
+    assert prof.machine["profiled_with"]["cfs_period_us"] == 100_000
+    assert abs(prof.model.g - 9.0) < 0.5
+
+    bad = _fit_and_store(model, _synthetic_cells(0.6), **kw)
+    assert not bad.accepted and bad.problems
+    assert bad.profile_path == tmp_path / "m.onnx.profile.rejected.json"
+    assert (tmp_path / "m.onnx.profile.json").is_file()  # the earlier good profile is not replaced
+
+
+@needs_cgroup
+def test_open_actuator_uses_the_high_weight_root() -> None:
+    from sponge.perf.profiler import GUARANTEED_ROOT, open_actuator
+
+    sel = open_actuator("weight-probe")
+    try:
+        assert sel.actuator.path.parent.name == GUARANTEED_ROOT, sel.reason
+        parent = sel.actuator.path.parent
+        weight = parent / ("cpu.shares" if (parent / "cpu.shares").exists() else "cpu.weight")
+        assert int(weight.read_text()) > 1024
+        sel.actuator.apply(750)
+        assert sel.actuator.current() == 750
+    finally:
+        sel.actuator.close()
+    assert not sel.actuator.path.exists()
+
+
 # -- real runs ----------------------------------------------------------------------------------------
 
 

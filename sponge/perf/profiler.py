@@ -4,23 +4,33 @@ How a profile is measured (issue 3):
 
 1. ONE replica worker process is started (the same `Replica` the server uses) and attached to the
    CPU actuator `select_actuator` picks (cgroup v2 / v1 quota; the affinity fallback can only grant
-   whole cores, so fractional allocations are rounded up and de-duplicated, with a warning).
-2. For each CPU allocation the quota is applied IN PLACE (same pid, no restart), and the profiler
-   waits until the replica's runtime threads follow (the worker notices its own quota; the
-   `threads` field of each BatchResult says what it runs with). If it has not followed within
-   `FOLLOW_TIMEOUT_S` it is told with `set_threads` (and a warning says so).
+   whole cores, so fractional allocations are rounded up and de-duplicated, with a warning). By
+   default its cgroup sits under a parent with a high CPU weight (`guaranteed_roots`), as a
+   Kubernetes Guaranteed pod's does, so other processes on a shared host cannot take the CPU it is
+   allocated; the quota still caps it.
+2. For each CPU allocation (largest first) the quota is applied IN PLACE (same pid, no restart),
+   and the profiler waits until the replica's runtime threads follow (the worker notices its own
+   quota; the `threads` field of each BatchResult says what it runs with). If it has not followed
+   within `FOLLOW_TIMEOUT_S` it is told with `set_threads` (and a warning says so).
 3. For each batch size: `warmup` untimed batches, then timed batches back to back (random inputs
    of the model's input specs) until `cell_seconds` of timed work or `reps` batches, whichever
-   comes first, but at least `min_reps`. A cell records the median and p99 of `infer_ms`.
+   comes first, but at least `min_reps`. A cell records the median and p99 of `infer_ms`. The CPU
+   other processes used meanwhile is measured (`HostLoad`); a disturbed cell is measured again.
 4. `l(b, c) = g*b/c + d*b + e/c + h` is fitted to the p99 (or the median) of the cells that are not
    held back (`holdout_split`), the held-back cells validate it, and the profile is saved next to
-   the model (`<model>.profile.json`) together with a picture of the fit (`<model>.profile.png`).
+   the model (`<model>.profile.json`, or `*.profile.rejected.json` when the fit is refused)
+   together with a picture of the fit (`<model>.profile.png`). The measuring conditions (actuator,
+   CFS period, weight) are stored in the profile's `machine["profiled_with"]`.
 
-Why p99 of back-to-back batches: under a CFS quota a replica runs at full speed until its quota of
-the 100 ms period is spent, then waits for the next period. The median of a small batch at 500 m is
-therefore the unthrottled time, but every few batches one waits ~50 ms; a saturated server sees
-exactly that, and deadlines are about the tail. The p99 grows like 1/c (the e/c term absorbs the
-throttling wait), the median at small batches does not, so p99 is both safer and better fitted.
+What the CFS period does to the numbers (measured on this 2-core host, see bench/profile.py): a
+quota is granted per period (100 ms by default, as in Kubernetes). A replica at 500 m runs at full
+speed for 50 ms, then waits for the next period. A batch shorter than the quota mostly runs
+unthrottled but sometimes waits out the rest of the period, so its p99 carries up to
+100*(1 - c/ceil(c)) ms of waiting (b=1: ~86 ms at 250 m, ~60 ms at 500 m, 10 ms at 1000 m) and its
+median does not grow with 1/c at all; neither is of the four-term form, so at 100 ms the fit of
+small batches at fractional CPU is poor. With a 10 ms period (`period_us=10_000`) the wait shrinks
+tenfold and the p99 follows the model (held-back p95 error ~10 %). A profile holds only for the
+period it was measured with, so the default is the actuators' own.
 
 This module does I/O (processes, cgroups, files): it is the measuring side of `sponge/perf/`, the
 pure model and fit live in `latency_model.py` and `fit.py`. Scaling and runtime modules are imported
@@ -125,7 +135,7 @@ def _usable_cpus() -> int:
 
 
 def random_inputs(specs: Sequence[Any], batch: int, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
-    """Random tensors for the model's input specs: the first -1 dimension is the batch, other -1s are 1.
+    """Random tensors for the model's input specs: a -1 first dimension is the batch, other -1s are 1.
 
     Integers are drawn over their type's range (uint8: 0..255; wider types 0..99, valid indices for
     most embedding-like inputs), floats from a standard normal, booleans fairly.
@@ -137,8 +147,6 @@ def random_inputs(specs: Sequence[Any], batch: int, rng: np.random.Generator | N
             raise ValueError(f"cannot make random inputs for tensor {spec.name!r} of type {spec.datatype}")
         dt = np.dtype(_NP_TYPES[spec.datatype])
         shape = [batch if i == 0 and d < 0 else (1 if d < 0 else d) for i, d in enumerate(spec.shape)]
-        if not spec.shape or spec.shape[0] >= 0:
-            log.debug("input %s has no dynamic batch dimension (shape %s)", spec.name, spec.shape)
         if dt == np.bool_:
             arr = rng.random(shape) < 0.5
         elif dt.kind in "ui":
@@ -211,6 +219,7 @@ def open_actuator(replica_name: str, prefer: str = "auto", guaranteed: bool = Tr
     measured with.
     """
     from sponge.scaling.cgroup import cleanup_stale
+    from sponge.scaling.procfs import find_mount
     from sponge.scaling.select import cleanup_all_stale, select_actuator
 
     try:
@@ -220,7 +229,11 @@ def open_actuator(replica_name: str, prefer: str = "auto", guaranteed: bool = Tr
     except OSError as exc:  # a read-only cgroupfs: the selection below reports it
         log.debug("stale cgroup cleanup failed: %s", exc)
     roots = guaranteed_roots() if guaranteed else {}
-    for r in roots.values():
+    stale_roots = list(roots.values())
+    acct = find_mount("cpuacct")
+    if "v1_root" in roots and acct is not None:
+        stale_roots.append(acct.mount_point / GUARANTEED_ROOT)  # cgroup-v1's cpuacct twins
+    for r in stale_roots:
         try:
             cleanup_stale(r)
         except OSError as exc:
@@ -692,7 +705,12 @@ def _fit_and_store(model_path: Path, cells: list[CellStats], *, conditions: dict
     if png:
         png_path = Path(png) if not isinstance(png, bool) else png_path_for(profile_path)
         png_path.parent.mkdir(parents=True, exist_ok=True)
-        plot_fit(profile, path_png=png_path)
+        period = conditions.get("cfs_period_us")
+        title = (f"{profile.model_file.name} on {profile.machine.get('usable_cpus', '?')} CPUs, "
+                 f"{conditions.get('actuator', '?')}"
+                 + ("" if period is None else f", CFS period {period / 1000:g} ms")
+                 + f"; fitted to {statistic.removesuffix('_ms')}")
+        plot_fit(profile, path_png=png_path, title=title)
     saved: Path | None = None
     if save:
         profile_path.parent.mkdir(parents=True, exist_ok=True)
