@@ -48,10 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     from sponge import client
+    from sponge.perf import cli as profile_cli
     from sponge.report import cli as report_cli
     from sponge.workload import loadgen
 
     client.register(sub)
+    profile_cli.register(sub)
     loadgen.register(sub)
     report_cli.register(sub)
     return parser
