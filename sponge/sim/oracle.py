@@ -27,8 +27,9 @@ The argument, step by step:
    relaxation (LP duality). `oracle_bound` restricts lam to be constant on slots of `slot_ms` (min over a
    request's window = min over the slots it touches, which can only lower D), improves the prices by
    L-BFGS on a smoothed surrogate and reports the exact D at the best prices found. Stopping early
-   makes the bound looser, never invalid. Horizon: [0, max(trace end, last deadline)], no longer than
-   any simulated run (a run lasts until every request has ended), so the floor term is not overcounted.
+   makes the bound looser, never invalid. Horizon: [0, trace end) (whole slots), no longer than any
+   simulated run, which lasts at least that long; requests whose deadline lies beyond it are not
+   required (prices are 0 after the horizon), which only lowers the bound.
 4. `lp_bound` solves the primal of the same relaxation on slots directly (HiGHS) with a subset of the
    window constraints (still a bound); it is slow and serves to check the dual on small cases.
 
@@ -102,7 +103,7 @@ class CostEnvelope:
         """P itself (linear interpolation of the hull; extended with the last edge beyond max_rate)."""
         s, b = self.lines()
         r = np.asarray(rate, dtype=float)
-        return np.max(s[None, :] * r[..., None] + b[None, :], axis=-1) if s.size else np.full(r.shape, self.costs[0])
+        return np.max(r[..., None] * s + b, axis=-1) if s.size else np.full(r.shape, self.costs[0])
 
 
 def _lower_hull(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -253,18 +254,26 @@ class OracleBound:
 
 
 def _slots(requests: RequestSet, model: LatencyModel, space: ActionSpace, slot_ms: float):
-    """Step 0 and the slot indices of every kept request's [arrival, deadline]."""
+    """Step 0, the horizon, and the slot indices of every kept request's [arrival, deadline].
+
+    The horizon is [0, n*slot_ms) with n = floor(trace duration / slot_ms): every simulated run lasts at
+    least the trace's duration, so no run is charged for less. Requests whose deadline falls beyond it
+    may be served after it; their service is not required by the bound (prices are 0 there: they add
+    nothing to D), which only lowers it.
+    """
     send = requests.send_ms
     dl = send + requests.budget_ms
     saveable = requests.budget_ms >= float(model.latency_ms(1, space.max_cpu_m))
-    s_send, s_dl = send[saveable], dl[saveable]
-    horizon = max(float(requests.duration_ms), float(s_dl.max()) if s_dl.size else 0.0, slot_ms)
-    n_slots = int(math.ceil(horizon / slot_ms))
-    a_slot = np.minimum((s_send // slot_ms).astype(np.int64), n_slots - 1)
-    d_slot = np.minimum((s_dl // slot_ms).astype(np.int64), n_slots - 1)
-    x_max = float(requests.budget_ms[saveable].max()) if s_send.size else 0.0
+    n_slots = max(int(float(requests.duration_ms) // slot_ms), 1)
+    horizon = n_slots * slot_ms
+    inside = saveable & (dl < horizon)
+    s_send, s_dl = send[inside], dl[inside]
+    a_slot = (s_send // slot_ms).astype(np.int64)
+    d_slot = (s_dl // slot_ms).astype(np.int64)
+    x_max = float(requests.budget_ms[saveable].max()) if saveable.any() else 0.0
     env = cost_envelope(model, space, max(x_max, float(model.latency_ms(1, space.max_cpu_m))))
-    return a_slot, d_slot, n_slots, horizon, int((~saveable).sum()), env
+    excluded = int((~saveable).sum())
+    return a_slot, d_slot, n_slots, horizon, excluded, env, int(saveable.sum() - inside.sum())
 
 
 def lp_bound(
@@ -278,7 +287,7 @@ def lp_bound(
 ) -> OracleBound:
     """The primal LP of steps 3-4 (slow: minutes for 10^4 requests; the reference for small cases)."""
     t0 = time.perf_counter()
-    a_slot, d_slot, n_slots, horizon, excluded, env = _slots(requests, model, space, slot_ms)
+    a_slot, d_slot, n_slots, horizon, excluded, env, tail = _slots(requests, model, space, slot_ms)
     slopes, icpt = env.lines(max_lines)
     floor_cs = space.floor_m * horizon / 1e6
     if a_slot.size == 0:
@@ -343,9 +352,6 @@ class _Dual:
         self.r, self.c = env.rates, env.costs  # hull vertices: P* (lam) = max_i lam r_i - c_i
         slopes = np.diff(env.costs) / np.diff(env.rates)
         self.slopes = slopes  # increasing; vertex i is optimal for slopes[i-1] <= lam <= slopes[i]
-        # a few vertices for the smoothed surrogate (a subset of vertices only guides the search)
-        pick = np.unique(np.round(np.linspace(0, env.rates.size - 1, min(env.rates.size, 48))).astype(int))
-        self.rs, self.cs = env.rates[pick], env.costs[pick]
 
     def pstar(self, lam: np.ndarray) -> np.ndarray:
         i = np.searchsorted(self.slopes, lam, side="left")  # first vertex whose right edge is steeper
@@ -356,25 +362,24 @@ class _Dual:
         return float(v.sum() - self.dt * self.pstar(lam).sum())
 
     def smooth(self, lam: np.ndarray, tau: float) -> tuple[float, np.ndarray]:
-        """Soft-min over each request's slots, soft-max over vertices; value <= exact(lam); gradient."""
+        """Soft-min (temperature tau) over each request's slots, exact P*: a value <= exact(lam) and its
+        gradient. P* is piecewise linear with one kink per hull vertex (thousands of tiny kinks), which
+        L-BFGS treats as smooth; only the per-request minimum needs smoothing."""
         x = np.where(self.mask, lam[self.J], np.inf)
         m = x.min(axis=1, keepdims=True)
         w = np.exp(-(x - m) / tau)  # 0 where masked (inf)
         z = w.sum(axis=1, keepdims=True)
         jobs = float((m[:, 0] - tau * np.log(z[:, 0])).sum())
         g = np.bincount(self.J[self.mask], weights=(w / z)[self.mask], minlength=self.S)
-        y = (lam[:, None] * self.rs[None, :] - self.cs[None, :]) / tau
-        ym = y.max(axis=1, keepdims=True)
-        e = np.exp(y - ym)
-        ze = e.sum(axis=1)
-        pst = tau * (ym[:, 0] + np.log(ze))  # >= max_i over the subset; the subset's max <= P*: not a bound
-        rate = (e * self.rs[None, :]).sum(axis=1) / ze
-        return jobs - self.dt * float(pst.sum()), g - self.dt * rate
+        i = np.searchsorted(self.slopes, lam, side="left")
+        pst = lam * self.r[i] - self.c[i]
+        return jobs - self.dt * float(pst.sum()), g - self.dt * self.r[i]
 
     def start(self, a_slot: np.ndarray, smooth_slots: int) -> np.ndarray:
         """Prices P'(local arrival rate): right if the optimal schedule served arrivals as they come."""
         counts = np.bincount(a_slot, minlength=self.S).astype(float)
-        kern = np.ones(smooth_slots) / smooth_slots
+        k = max(1, min(smooth_slots, self.S))
+        kern = np.ones(k) / k
         rate = np.convolve(counts, kern, mode="same") / self.dt
         i = np.clip(np.searchsorted(self.r, rate, side="left"), 1, self.slopes.size)
         return self.slopes[i - 1]
@@ -400,7 +405,7 @@ def oracle_bound(
     from scipy.optimize import minimize
 
     t0 = time.perf_counter()
-    a_slot, d_slot, n_slots, horizon, excluded, env = _slots(requests, model, space, slot_ms)
+    a_slot, d_slot, n_slots, horizon, excluded, env, tail = _slots(requests, model, space, slot_ms)
     floor_cs = space.floor_m * horizon / 1e6
     if a_slot.size == 0:
         return OracleBound(floor_cs, horizon, space, slot_ms, 0, excluded, 0, int(env.rates.size),
@@ -446,4 +451,5 @@ def oracle_bound(
         solve_s=time.perf_counter() - t0,
         status=f"L-BFGS {used} iterations; start {dual.exact(lam0) / 1e6:.1f} core-s",
         kind="lower bound (dual)",
+        notes={"beyond_horizon": tail},
     )

@@ -1,0 +1,195 @@
+"""`sponge simulate`: one request plan, several policies side by side, a lower bound on what they must
+spend, and one run directory per policy in the results format `sponge report` reads.
+
+    sponge simulate --window bursty --scale 0.436 --policy sponge,paper,static,hpa --out runs/sim
+
+Prints the summary table (sponge.report.summary) with core-seconds as a ratio to the oracle bound, then
+one JSON line (last) with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from sponge.policy import POLICY_NAMES
+from sponge.sim.engine import SimConfig, SimResult
+from sponge.sim.oracle import OracleBound, oracle_bound
+from sponge.sim.scenario import (
+    ALL_POLICIES,
+    Deployment,
+    build_requests,
+    build_trace,
+    load_model,
+    parse_overrides,
+    run_policies,
+    static_at_peak,
+)
+
+
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("workload")
+    g.add_argument("--window", help="Twitter 2021-08 window: bursty, steady_low, steady_high, fluctuating")
+    g.add_argument("--start", type=int, help="or: first second of the Twitter 2021-08 trace")
+    g.add_argument("--end", type=int, help="... and the second after the last")
+    g.add_argument("--constant-rps", type=float, help="or: a constant rate")
+    g.add_argument("--duration-s", type=int, help="truncate the trace (or the constant rate's length)")
+    g.add_argument("--damping", type=float, default=None, help="divide the Twitter counts (window default: 5)")
+    g.add_argument("--scale", type=float, help="multiply the rates")
+    g.add_argument("--peak-rps", type=float, help="scale the trace so its peak is this")
+    g.add_argument("--network", choices=["ghent", "none"], default="ghent", help="network trace for budgets")
+    g.add_argument("--image-kib", type=float, default=200.0, help="upload size per request")
+    g.add_argument("--slo-ms", type=float, default=1000.0)
+    g.add_argument("--rtt-ms", type=float, default=0.0, help="base RTT added to the transfer time")
+    g.add_argument("--clients", type=int, default=8, help="clients, each at its own offset in the network trace")
+    g.add_argument("--seed", type=int, default=0, help="seed of the request plan and of service-time noise")
+
+
+def add_deployment_args(p: argparse.ArgumentParser) -> None:
+    d = Deployment()
+    g = p.add_argument_group("deployment (paper scale by default)")
+    g.add_argument("--profile", default="yolov5s", help="built-in profile (yolov5s, yolov5n) or a profile JSON")
+    g.add_argument("--min-cpu-m", type=int, default=d.min_cpu_m)
+    g.add_argument("--max-cpu-m", type=int, default=d.max_cpu_m)
+    g.add_argument("--max-batch", type=int, default=d.max_batch)
+    g.add_argument("--max-replicas", type=int, default=d.max_replicas, help="joint, hpa, fa2")
+    g.add_argument("--replica-cpu-m", type=int, default=d.replica_cpu_m, help="hpa / fa2 replica size")
+    g.add_argument("--interval-ms", type=float, default=1000.0)
+    g.add_argument("--resize-delay-ms", type=float, default=100.0)
+    g.add_argument("--cold-start-ms", type=float, default=7000.0)
+    g.add_argument("--noise-sigma", type=float, default=0.0, help="lognormal sigma of service-time noise")
+    g.add_argument("--expiry", choices=["reject", "serve_late"], default="reject")
+    g.add_argument("--static-cpu-m", type=int, help="static policy CPU (default: least that attains 99.9%%)")
+    g.add_argument("--static-batch", type=int, help="static policy batch (with --static-cpu-m)")
+
+
+def deployment_from(args: argparse.Namespace) -> Deployment:
+    return replace(Deployment(), min_cpu_m=args.min_cpu_m, max_cpu_m=args.max_cpu_m, max_batch=args.max_batch,
+                   max_replicas=args.max_replicas, replica_cpu_m=args.replica_cpu_m)
+
+
+def config_from(args: argparse.Namespace) -> SimConfig:
+    return SimConfig(interval_ms=args.interval_ms, resize_delay_ms=args.resize_delay_ms,
+                     cold_start_ms=args.cold_start_ms, noise_sigma=args.noise_sigma, expiry=args.expiry,
+                     seed=args.seed)
+
+
+def summary_rows(results: dict[str, SimResult], oracles: dict[str, OracleBound], dep: Deployment) -> dict[str, Any]:
+    """Per policy: the shared summary plus exact core-seconds and the ratio to its action space's bound."""
+    from sponge.report.summary import summarize
+
+    out: dict[str, Any] = {}
+    for name, r in results.items():
+        s = summarize(r.records(), r.timeline).as_dict()
+        space = dep.space_of(name).describe()
+        ob = oracles.get(space)
+        s.update({
+            "core_seconds_exact": r.core_seconds,
+            "oracle_space": space,
+            "oracle_core_seconds": ob.core_seconds if ob else None,
+            "ratio_to_oracle": ob.ratio(r.core_seconds) if ob else None,
+            "sim_wall_s": r.wall_s,
+            "sim_requests_per_s": r.requests_per_wall_s,
+        })
+        out[name] = s
+    return out
+
+
+def print_table(results: dict[str, SimResult], rows: dict[str, Any]) -> str:
+    """The shared summary table, then core-seconds against the oracle bound of each policy's space."""
+    from sponge.report.summary import format_table, summarize
+
+    table = format_table({n: summarize(r.records(), r.timeline) for n, r in results.items()})
+    lines = [table, "", f"{'policy':<8}  {'core-s':>9}  {'bound':>9}  {'ratio':>6}  action space of the bound"]
+    for n in results:
+        r = rows[n]
+        bound = "-" if r["oracle_core_seconds"] is None else f"{r['oracle_core_seconds']:.1f}"
+        ratio = "-" if r["ratio_to_oracle"] is None else f"{r['ratio_to_oracle']:.2f}x"
+        lines.append(f"{n:<8}  {r['core_seconds_exact']:>9.1f}  {bound:>9}  {ratio:>6}  {r['oracle_space']}")
+    return "\n".join(lines)
+
+
+def _main(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    names = list(ALL_POLICIES) if args.policy == "all" else [p.strip() for p in args.policy.split(",") if p.strip()]
+    unknown = [n for n in names if n not in POLICY_NAMES]
+    if unknown:
+        print(f"sponge simulate: unknown policy {unknown}; known: {', '.join(POLICY_NAMES)}", file=sys.stderr)
+        return 2
+    try:
+        model, model_desc = load_model(args.profile)
+        if args.window is None and args.start is None and args.constant_rps is None:
+            args.window = "bursty"
+        trace = build_trace(args.window, start=args.start, end=args.end, damping=args.damping,
+                            constant_rps=args.constant_rps, duration_s=args.duration_s, peak_rps=args.peak_rps,
+                            scale=args.scale)
+        requests = build_requests(trace, slo_ms=args.slo_ms, image_kib=args.image_kib, network=args.network,
+                                  rtt_ms=args.rtt_ms, clients=args.clients, seed=args.seed)
+        overrides = parse_overrides(args.set or [])
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"sponge simulate: {e}", file=sys.stderr)
+        return 2
+    dep = deployment_from(args)
+    cfg = config_from(args)
+    print(f"{len(requests)} requests over {trace.duration_s} s ({trace.description}); model: {model_desc}",
+          file=sys.stderr)
+
+    from sponge.policy.types import Decision
+
+    if args.static_cpu_m:
+        static = Decision(args.static_cpu_m, args.static_batch or 1)
+    elif "static" in names or "vpa" in names:
+        static, att = static_at_peak(requests, model, dep, cfg)
+        print(f"static at peak: {static.cpu_m} m, b={static.batch} ({att:.3%})", file=sys.stderr)
+    else:
+        static = None
+    results = run_policies(requests, model, names, dep, cfg, static=static, overrides=overrides)
+    oracles: dict[str, OracleBound] = {}
+    if not args.no_oracle:
+        for n in names:
+            sp = dep.space_of(n)
+            if sp.describe() not in oracles:
+                oracles[sp.describe()] = oracle_bound(requests, model, sp)
+    rows = summary_rows(results, oracles, dep)
+    out = Path(args.out)
+    dirs = {}
+    for name, r in results.items():
+        r.meta.update({"model": model_desc, "oracle": rows[name]["oracle_core_seconds"]})
+        dirs[name] = str(r.write(out / name))
+    print(print_table(results, rows))
+    print(f"\nwrote {', '.join(dirs.values())}  (sponge report {' '.join(dirs.values())})")
+    figures = {
+        "requests": len(requests),
+        "trace": trace.description,
+        "model": model_desc,
+        "config": asdict(cfg),
+        "deployment": asdict(dep),
+        "static": None if static is None else {"cpu_m": static.cpu_m, "batch": static.batch},
+        "oracles": {k: v.as_dict() for k, v in oracles.items()},
+        "runs": rows,
+        "dirs": dirs,
+        "wall_s": time.perf_counter() - t0,
+    }
+    (out / "simulate.json").write_text(json.dumps(figures, indent=2, default=str))
+    print(json.dumps(figures, separators=(",", ":"), default=str))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `simulate` sub-command; the parser's `func(args) -> int` runs it."""
+    p = subparsers.add_parser("simulate", help="trace-driven simulation of policies side by side (paper scale)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_workload_args(p)
+    add_deployment_args(p)
+    p.add_argument("--policy", default="sponge,paper,static,vpa,hpa,fa2,joint",
+                   help=f"comma-separated policies or 'all' (known: {', '.join(POLICY_NAMES)})")
+    p.add_argument("--set", action="append", metavar="POLICY.PARAM=VALUE",
+                   help="override a policy parameter (JSON value), e.g. sponge.headroom=0.05; repeatable")
+    p.add_argument("--no-oracle", action="store_true", help="skip the lower bound (it takes a few seconds)")
+    p.add_argument("--out", default="runs/sim", help="one run directory per policy under this")
+    p.set_defaults(func=_main)
