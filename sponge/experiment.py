@@ -43,7 +43,8 @@ class _Progress:
         try:
             from tqdm import tqdm
 
-            self.bar = None if quiet else tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True)
+            tty = sys.stderr.isatty()
+            self.bar = None if quiet or not tty else tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True)
         except ImportError:  # pragma: no cover - tqdm is a dependency
             self.bar = None
         self.done, self.total = 0, total
@@ -141,6 +142,7 @@ def run_window(
     seed: int,
     duration_s: int | None,
     progress: _Progress,
+    arrivals: str = "poisson",
     plot: bool = True,
 ) -> dict[str, Any]:
     """Static-at-peak search, every policy, the oracle bounds, run directories and the timelines PNG."""
@@ -151,7 +153,7 @@ def run_window(
 
     model, model_desc = load_model(profile)
     trace = build_trace(window, damping=damping, scale=scale, duration_s=duration_s)
-    requests = build_requests(trace, slo_ms=slo_ms, image_kib=image_kib, seed=seed)
+    requests = build_requests(trace, slo_ms=slo_ms, image_kib=image_kib, seed=seed, arrivals=arrivals)
     dep = Deployment()
     cfg = SimConfig(seed=seed)
     static, static_att = static_at_peak(requests, model, dep, cfg)
@@ -231,7 +233,7 @@ def summary_markdown(result: dict[str, Any]) -> str:
     lines = ["# Sponge experiment", "",
              f"Model **{result['profile']}**, deployment: {result['deployment']}. "
              f"Request plan: SLO {result['slo_ms']:g} ms, {result['image_kib']:g} KiB images over the Ghent 4G "
-             f"log (Sponge's transfer rule, 8 clients at random offsets), Poisson arrivals, seed {result['seed']}. "
+             f"log (Sponge's transfer rule, 8 clients at random offsets), {result['arrivals']} arrivals within each second, seed {result['seed']}. "
              f"Twitter 2021-08 windows at damping {result['damping']:g}, all scaled by {result['scale']:.3f} "
              f"(busiest peak = {result['peak_rps']:g} req/s). Simulated with sponge.sim "
              f"(interval {result['config']['interval_ms']:g} ms, resize delay {result['config']['resize_delay_ms']:g} ms, "
@@ -348,6 +350,7 @@ def run_experiment(
     slo_ms: float = 1000.0,
     seed: int = 0,
     duration_s: int | None = None,
+    arrivals: str = "poisson",
     quiet: bool = False,
     plots: bool = True,
 ) -> dict[str, Any]:
@@ -368,7 +371,7 @@ def run_experiment(
     for w in windows:
         results.append(run_window(w, out, scale=scale, damping=damping, policies=policies, profile=profile,
                                   image_kib=image_kib, slo_ms=slo_ms, seed=seed, duration_s=duration_s,
-                                  progress=progress, plot=plots))
+                                  progress=progress, plot=plots, arrivals=arrivals))
     progress.close()
     result = {
         "profile": profile,
@@ -381,6 +384,7 @@ def run_experiment(
         "image_kib": image_kib,
         "slo_ms": slo_ms,
         "seed": seed,
+        "arrivals": arrivals,
         "budgets": budgets,
         "fits": fits,
         "windows": results,
@@ -398,7 +402,7 @@ def _main(args: argparse.Namespace) -> int:
         res = run_experiment(
             args.out, windows=args.windows, policies=args.policies, profile=args.profile, damping=args.damping,
             peak_rps=args.peak_rps, image_kib=args.image_kib, slo_ms=args.slo_ms, seed=args.seed,
-            duration_s=args.duration_s, quiet=args.quiet, plots=not args.no_plots,
+            duration_s=args.duration_s, arrivals=args.arrivals, quiet=args.quiet, plots=not args.no_plots,
         )
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"sponge experiment: {e}", file=sys.stderr)
@@ -429,6 +433,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--slo-ms", type=float, default=1000.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--duration-s", type=int, default=None, help="truncate every window (quick runs)")
+    p.add_argument("--arrivals", choices=["poisson", "uniform"], default="poisson",
+                   help="within each second of the trace: Poisson, or the count evenly spaced (barazmoon-like)")
     p.add_argument("--no-plots", action="store_true", help="skip the timeline PNGs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_main)

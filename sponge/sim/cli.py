@@ -47,6 +47,8 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--slo-ms", type=float, default=1000.0)
     g.add_argument("--rtt-ms", type=float, default=0.0, help="base RTT added to the transfer time")
     g.add_argument("--clients", type=int, default=8, help="clients, each at its own offset in the network trace")
+    g.add_argument("--arrivals", choices=["poisson", "uniform"], default="poisson",
+                   help="within each second: Poisson (open loop) or evenly spaced (paced load tester)")
     g.add_argument("--seed", type=int, default=0, help="seed of the request plan and of service-time noise")
 
 
@@ -129,7 +131,8 @@ def _main(args: argparse.Namespace) -> int:
                             constant_rps=args.constant_rps, duration_s=args.duration_s, peak_rps=args.peak_rps,
                             scale=args.scale)
         requests = build_requests(trace, slo_ms=args.slo_ms, image_kib=args.image_kib, network=args.network,
-                                  rtt_ms=args.rtt_ms, clients=args.clients, seed=args.seed)
+                                  rtt_ms=args.rtt_ms, clients=args.clients, seed=args.seed,
+                                  arrivals=args.arrivals)
         overrides = parse_overrides(args.set or [])
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"sponge simulate: {e}", file=sys.stderr)

@@ -96,11 +96,14 @@ def build_requests(
     rtt_ms: float = 0.0,
     clients: int = 8,
     seed: int = 0,
+    arrivals: str = "poisson",
 ) -> RequestSet:
-    """The load generator's plan (`generate_requests`), as columns."""
+    """The load generator's plan (`generate_requests`), as columns. arrivals: 'poisson' (open loop, within
+    each second of the trace) or 'uniform' (each second's count evenly spaced, as a paced load tester)."""
     net = network_model(network, rtt_ms)
-    plan = generate_requests(trace, net, slo_ms, int(round(image_kib * 1024)), seed, clients=clients)
-    desc = (f"{trace.description}; SLO {slo_ms:g} ms, {image_kib:g} KiB images, network "
+    plan = generate_requests(trace, net, slo_ms, int(round(image_kib * 1024)), seed, clients=clients,
+                             arrivals=arrivals)  # type: ignore[arg-type]
+    desc = (f"{trace.description}; {arrivals} arrivals, SLO {slo_ms:g} ms, {image_kib:g} KiB images, network "
             f"{'none' if net is None else net.describe()}, {clients} clients, seed {seed}")
     return RequestSet.from_planned(plan, trace.duration_s * 1000.0, desc)
 

@@ -1,0 +1,67 @@
+"""`sponge simulate` and `sponge experiment` end to end on short windows (the real traces, read in place)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from sponge import experiment
+from sponge.report.results import read_run
+from sponge.sim import cli as sim_cli
+from sponge.workload.paths import shared_data_dir
+
+try:
+    shared_data_dir()
+    HAVE_DATA = True
+except FileNotFoundError:
+    HAVE_DATA = False
+
+needs_data = pytest.mark.skipif(not HAVE_DATA, reason="shared traces not found")
+
+
+def _run(register, argv: list[str]) -> int:
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+@needs_data
+def test_simulate_writes_runs_and_a_json_line(tmp_path, capsys):
+    out = tmp_path / "sim"
+    rc = _run(sim_cli.register, ["simulate", "--window", "steady_high", "--duration-s", "60", "--scale", "0.44",
+                                 "--policy", "sponge,static,hpa", "--static-cpu-m", "8000", "--static-batch", "6",
+                                 "--set", "sponge.headroom=0.2", "--out", str(out)])
+    assert rc == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    fig = json.loads(last)
+    assert set(fig["runs"]) == {"sponge", "static", "hpa"}
+    assert fig["runs"]["sponge"]["ratio_to_oracle"] >= 1.0 or fig["runs"]["sponge"]["attainment"] < 1.0
+    assert fig["runs"]["static"]["core_seconds_exact"] == pytest.approx(8.0 * 60, rel=0.05)
+    reqs, tl, meta = read_run(out / "sponge")
+    assert len(reqs) == fig["requests"] and meta["params"]["headroom"] == 0.2
+    assert (out / "simulate.json").is_file()
+
+
+def test_simulate_rejects_unknown_policies(capsys):
+    assert _run(sim_cli.register, ["simulate", "--constant-rps", "5", "--policy", "nope"]) == 2
+
+
+@needs_data
+def test_experiment_quick(tmp_path, capsys):
+    out = tmp_path / "exp"
+    rc = _run(experiment.register, ["experiment", "--out", str(out), "--windows", "bursty", "--policies", "sponge",
+                                    "paper", "static", "hpa", "--duration-s", "60", "--quiet"])
+    assert rc == 0
+    for f in ("budget_spread.png", "fit_yolov5s.png", "fit_yolov5n.png", "summary.md", "summary.html",
+              "summary.json", "bursty/timelines.png", "bursty/sponge/requests.csv"):
+        assert (out / f).is_file(), f
+    res = json.loads((out / "summary.json").read_text())
+    w = res["windows"][0]
+    assert set(w["runs"]) == {"sponge", "paper", "static", "hpa"}
+    md = (out / "summary.md").read_text()
+    assert "| bursty | sponge |" in md and "Targets for `sponge`" in md
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["windows"]["bursty"]["sponge"]
