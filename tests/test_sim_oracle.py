@@ -86,3 +86,16 @@ def test_hopeless_requests_are_excluded_and_no_requests_cost_the_floor():
     empty = RequestSet.from_arrays([], budget_ms=[], duration_ms=5000.0)
     ob0 = oracle_bound(empty, MODEL, space)
     assert ob0.core_seconds == pytest.approx(1.0 * 5.0)
+
+
+def test_clairvoyant_reference_sits_between_the_bound_and_a_static_allocation():
+    from sponge.sim.clairvoyant import ClairvoyantVertical
+
+    req = _poisson(8.0, 60, (300.0, 900.0), seed=4)
+    space = ActionSpace(500, 4000, 8)
+    ob = oracle_bound(req, MODEL, space)
+    cv = simulate(req, MODEL, ClairvoyantVertical(req, MODEL, space), SimConfig(initial_cpu_m=2000, initial_batch=2))
+    st = simulate(req, MODEL, make_policy("static", MODEL, cpu_m=4000, batch=4), SimConfig(initial_cpu_m=4000,
+                                                                                             initial_batch=4))
+    assert cv.attainment >= 0.99
+    assert ob.core_seconds <= cv.core_seconds < st.core_seconds

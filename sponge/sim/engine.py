@@ -245,6 +245,9 @@ class Simulator:
         self.timeline: list[TimelineRecord] = []
         self.decisions: list[tuple[float, Decision]] = []
         self.events = 0
+        bind = getattr(policy, "bind_simulator", None)
+        if callable(bind):  # simulator-only reference policies (sponge.sim.clairvoyant) read the state
+            bind(self)
 
     # ---- small helpers -------------------------------------------------------------------------------
     def _estimate(self, b: int) -> float:

@@ -26,6 +26,7 @@ from sponge.workload import RateTrace, generate_requests, named_window, scale_to
 from sponge.workload.network import NetworkModel, RttModel, read_ghent_log
 
 ALL_POLICIES = ("sponge", "paper", "static", "vpa", "hpa", "fa2", "joint")
+REFERENCES = ("clairvoyant",)  # simulator-only: they read the future (sponge.sim.clairvoyant)
 
 
 # ---- model -------------------------------------------------------------------------------------------
@@ -252,7 +253,12 @@ def run_policies(
         params = {**default_params(name, dep, static), **((overrides or {}).get(name, {}))}
         init = initial_decision(name, dep, model, requests, static)
         cfg = replace(config, initial_cpu_m=init.cpu_m, initial_batch=init.batch, initial_replicas=init.replicas)
-        pol = new_policy(name, model, params)
+        if name == "clairvoyant":
+            from sponge.sim.clairvoyant import ClairvoyantVertical
+
+            pol: Policy = ClairvoyantVertical(requests, model, dep.vertical, step_m=dep.step_m, **params)
+        else:
+            pol = new_policy(name, model, params)
         cb = (lambda f, n=name: progress(n, f)) if progress else None
         res = simulate(requests, model, pol, cfg, cb)
         res.meta.update({"name": name, "params": params, "space": dep.space_of(name).describe()})
