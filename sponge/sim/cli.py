@@ -65,7 +65,8 @@ def add_deployment_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--interval-ms", type=float, default=1000.0)
     g.add_argument("--resize-delay-ms", type=float, default=100.0)
     g.add_argument("--cold-start-ms", type=float, default=7000.0)
-    g.add_argument("--noise-sigma", type=float, default=0.0, help="lognormal sigma of service-time noise")
+    g.add_argument("--noise-sigma", default="0", help="lognormal sigma of service-time noise (mean 1), or "
+                   "'profile': measured from the profile JSON's cells (p99 vs median)")
     g.add_argument("--expiry", choices=["reject", "serve_late"], default="reject")
     g.add_argument("--static-cpu-m", type=int, help="static policy CPU (default: least that attains 99.9%%)")
     g.add_argument("--static-batch", type=int, help="static policy batch (with --static-cpu-m)")
@@ -77,9 +78,14 @@ def deployment_from(args: argparse.Namespace) -> Deployment:
 
 
 def config_from(args: argparse.Namespace) -> SimConfig:
+    if args.noise_sigma == "profile":
+        from sponge.sim.scenario import measured_noise_sigma
+
+        sigma = measured_noise_sigma(args.profile)
+    else:
+        sigma = float(args.noise_sigma)
     return SimConfig(interval_ms=args.interval_ms, resize_delay_ms=args.resize_delay_ms,
-                     cold_start_ms=args.cold_start_ms, noise_sigma=args.noise_sigma, expiry=args.expiry,
-                     seed=args.seed)
+                     cold_start_ms=args.cold_start_ms, noise_sigma=sigma, expiry=args.expiry, seed=args.seed)
 
 
 def summary_rows(results: dict[str, SimResult], oracles: dict[str, OracleBound], dep: Deployment) -> dict[str, Any]:
@@ -139,7 +145,11 @@ def _main(args: argparse.Namespace) -> int:
         print(f"sponge simulate: {e}", file=sys.stderr)
         return 2
     dep = deployment_from(args)
-    cfg = config_from(args)
+    try:
+        cfg = config_from(args)
+    except (OSError, ValueError) as e:
+        print(f"sponge simulate: --noise-sigma: {e}", file=sys.stderr)
+        return 2
     print(f"{len(requests)} requests over {trace.duration_s} s ({trace.description}); model: {model_desc}",
           file=sys.stderr)
 

@@ -48,6 +48,17 @@ def load_model(spec: str) -> tuple[LatencyModel, str]:
     return LatencyModel.from_dict(raw["model"]), f"profile {p} (model file not checked)"
 
 
+def measured_noise_sigma(profile_path: str | Path) -> float:
+    """Lognormal sigma of service-time noise from a measured profile's cells: for a lognormal factor,
+    p99/median = exp(2.326 sigma); the median over the cells of ln(p99/median)/2.326."""
+    raw = json.loads(Path(profile_path).read_text())
+    cells = [c for c in raw.get("grid", []) if c.get("median_ms", 0) > 0 and c.get("p99_ms", 0) > 0]
+    if not cells:
+        raise ValueError(f"{profile_path}: no cells with median_ms and p99_ms to measure noise from")
+    z99 = 2.3263478740408408
+    return float(np.median([math.log(max(c["p99_ms"] / c["median_ms"], 1.0)) / z99 for c in cells]))
+
+
 # ---- workload ----------------------------------------------------------------------------------------
 def build_trace(
     window: str | None = None,
