@@ -41,6 +41,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from sponge.control import BUDGET_WINDOW_MS, MAX_BUDGETS, RATE_HISTORY
 from sponge.perf.latency_model import LatencyModel
 from sponge.policy.types import Decision, Observation, Policy
 from sponge.report.results import RequestRecord, TimelineRecord, write_run
@@ -71,8 +72,11 @@ class SimConfig:
     expiry: str = "reject"  # ExpiryPolicy value: reject | serve_late
     max_wait_ms: float = 5.0  # batcher: longest wait for a fuller batch
     queue_capacity: int = 100_000
-    budget_window_ms: float = 5000.0  # Observation.budgets_ms: budgets of arrivals in this recent window
-    history_len: int = 60  # Observation.rate_history_rps: this many intervals, oldest first
+    # Observation.budgets_ms: as sponge.control.Controller, the budgets collected at the ticks of the last
+    # budget_window_ms (arrivals in (now - window - interval, now]), at most max_budgets, the newest
+    budget_window_ms: float = BUDGET_WINDOW_MS
+    max_budgets: int = MAX_BUDGETS
+    history_len: int = RATE_HISTORY  # Observation.rate_history_rps: this many intervals, oldest first
     initial_cpu_m: int = 1000
     initial_batch: int = 1
     initial_replicas: int = 1
@@ -416,11 +420,9 @@ class Simulator:
             if rep.ready:
                 usage.append(rep.usage / interval)
             rep.usage = 0.0
-        lo = int(np.searchsorted(self.req.send_ms, now - cfg.budget_window_ms, side="right"))
-        budgets = tuple(self._budget[lo:arrived])
+        lo = int(np.searchsorted(self.req.send_ms, now - cfg.budget_window_ms - interval, side="right"))
+        budgets = tuple(self._budget[max(lo, arrived - cfg.max_budgets):arrived])
         active = [r for r in self.live if not r.removing]
-        cur = self.current
-        current = Decision(self.cpu, self.batcher.batch_size, len(active), cur.feasible, cur.explanation)
         return Observation(
             now_ms=now,
             interval_ms=interval,
@@ -428,7 +430,7 @@ class Simulator:
             rate_history_rps=tuple(self._rates),
             budgets_ms=budgets,
             queue_remaining_ms=tuple(self.queue.remaining_ms(now)),
-            current=current,
+            current=self.current,  # the decision in force, as the live controller reports it
             cpu_usage_m=tuple(usage),
             replicas_starting=sum(1 for r in active if not r.ready),
         )
