@@ -48,13 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     from sponge import client
+    from sponge import experiment
     from sponge.perf import cli as profile_cli
     from sponge.report import cli as report_cli
+    from sponge.sim import cli as sim_cli
     from sponge.workload import loadgen
 
     client.register(sub)
     profile_cli.register(sub)
     loadgen.register(sub)
+    sim_cli.register(sub)
+    experiment.register(sub)
     report_cli.register(sub)
     return parser
 
