@@ -1,6 +1,7 @@
 """Live side-by-side run (issue 4): the default model on this machine, a Twitter window scaled to
 what 2 cores serve at peak, Ghent 4G budgets — static at all cores, static at the smallest allocation
 that holds the peak, `paper`, and `sponge`, one after another on the same replayed requests.
+Each is also simulated on the same requests with the measured profile (issue 5's validation).
 
 Usage: python bench/live.py [--duration-s 600] [--slo-ms 400] [--out runs/live]
 Prints a table and, last, one JSON line; writes the runs, a side-by-side timeline PNG and summary.
@@ -21,7 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from serverproc import ADMIN_TOKEN, ServerProcess  # noqa: E402
 
+from sponge.config import ServerConfig  # noqa: E402
 from sponge.models.efficientnet_lite0 import default_model_path  # noqa: E402
+from sponge.server.serve import make_policy_for  # noqa: E402
+from sponge.sim.engine import SimConfig, simulate  # noqa: E402
+from sponge.sim.inputs import RequestSet  # noqa: E402
+from sponge.sim.scenario import measured_noise_sigma  # noqa: E402
 from sponge.perf.profile_store import load_profile, profile_path_for  # noqa: E402
 from sponge.policy.sponge_opt import SpongeOptimizer  # noqa: E402
 from sponge.report.plots import plot_timelines  # noqa: E402
@@ -79,17 +85,22 @@ def main() -> int:
           f"budgets p1/p50/p99 {np.percentile(budgets, 1):.0f}/{np.percentile(budgets, 50):.0f}/"
           f"{np.percentile(budgets, 99):.0f} ms; static-peak = {static_cpu} m batch {static_b}", flush=True)
 
+    # One ServerConfig per contender: the live server gets it as flags, the simulator builds its policy
+    # from it with the server's own factory — what is simulated is what runs.
     configs = {
-        "static-max": ["--policy", "static", "--cpu-m", str(max_cpu_m), "--batch", str(static_b)],
-        "static-peak": ["--policy", "static", "--cpu-m", str(static_cpu), "--batch", str(static_b)],
-        "paper": ["--policy", "paper", "--cpu-m", str(max_cpu_m)],
-        "sponge": ["--policy", "sponge", "--cpu-m", str(max_cpu_m)],
+        "static-max": {"policy": "static", "cpu_m": max_cpu_m, "batch": static_b},
+        "static-peak": {"policy": "static", "cpu_m": static_cpu, "batch": static_b},
+        "paper": {"policy": "paper", "cpu_m": max_cpu_m},
+        "sponge": {"policy": "sponge", "cpu_m": max_cpu_m},
     }
     out = Path(args.out)
-    runs = {}
+    runs, sims = {}, {}
+    noise = measured_noise_sigma(profile_path_for(model_path))
     for name in args.policies.split(","):
-        print(f"\n== {name}: {' '.join(configs[name])} ({args.duration_s} s) ==", flush=True)
-        srv = ServerProcess(*configs[name], "--max-batch", str(args.max_batch), "--log-level", "warning")
+        cfg = ServerConfig(**configs[name], max_batch=args.max_batch)
+        flags = [x for k, v in configs[name].items() for x in (f"--{k.replace('_', '-')}", str(v))]
+        print(f"\n== {name}: {' '.join(flags)} ({args.duration_s} s) ==", flush=True)
+        srv = ServerProcess(*flags, "--max-batch", str(args.max_batch), "--log-level", "warning")
         try:
             time.sleep(1.0)
             run_load(scenario, srv.url, "efficientnet-lite0", out / name, ADMIN_TOKEN, label=name)
@@ -97,9 +108,29 @@ def main() -> int:
             srv.stop()
         reqs, tl, _ = read_run(out / name)
         runs[name] = (reqs, tl)
+        policy = make_policy_for(cfg, m, cfg.cpu_m, max_cpu_m)
+        sim = simulate(RequestSet.from_planned(scenario.plan()), m, policy,
+                       SimConfig(interval_ms=cfg.interval_ms, resize_delay_ms=5.0, noise_sigma=noise,
+                                 max_wait_ms=cfg.max_batch_wait_ms, initial_cpu_m=cfg.cpu_m,
+                                 initial_batch=cfg.batch, expiry=cfg.expiry_policy))
+        sim.write(out / f"{name}-sim")
+        sreqs, stl, _ = read_run(out / f"{name}-sim")
+        sims[name] = summarize(sreqs, stl)
 
     summaries = {n: summarize(r, t) for n, (r, t) in runs.items()}
     print("\n" + format_table(summaries))
+    print("\nlive vs simulated (same requests, measured profile, same policy objects):")
+    print(f"{'':14}{'attainment live':>16}{'sim':>9}{'diff (pts)':>11}{'core-s live':>13}{'sim':>8}{'ratio':>7}")
+    validation = {}
+    for n, s in summaries.items():
+        sim_s = sims[n]
+        validation[n] = {"attainment_live": s.attainment, "attainment_sim": sim_s.attainment,
+                         "attainment_diff_pts": 100 * (sim_s.attainment - s.attainment),
+                         "core_s_live": s.core_seconds, "core_s_sim": sim_s.core_seconds,
+                         "core_s_ratio": sim_s.core_seconds / s.core_seconds if s.core_seconds else float("nan")}
+        v = validation[n]
+        print(f"{n:14}{v['attainment_live']:>16.2%}{v['attainment_sim']:>9.2%}{v['attainment_diff_pts']:>11.2f}"
+              f"{v['core_s_live']:>13.0f}{v['core_s_sim']:>8.0f}{v['core_s_ratio']:>7.2f}")
     png = plot_timelines(runs, out / "timelines.png",
                          title=f"live: {args.window} window, peak {peak} req/s, SLO {args.slo_ms:.0f} ms, 4G budgets")
     figures = {n: s.as_dict() for n, s in summaries.items()}
@@ -118,8 +149,9 @@ def main() -> int:
                   f"{sp.core_seconds:.0f} vs {pa.core_seconds:.0f}")
         else:
             print()
+    print("validation target: simulated within 10 % of live core-seconds and 1 point of attainment")
     print(json.dumps({"bench": "live", "peak_rps": peak, "slo_ms": args.slo_ms, "duration_s": args.duration_s,
-                      "static_peak_cpu_m": static_cpu, "runs": figures}, default=str))
+                      "static_peak_cpu_m": static_cpu, "runs": figures, "sim_vs_live": validation}, default=str))
     return 0
 
 
