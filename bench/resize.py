@@ -224,7 +224,7 @@ async def run(args: argparse.Namespace) -> dict:
         act.close()
         raise SystemExit(f"actuator {act.kind} cannot measure CPU usage")
     period_ms = (getattr(act, "period_us", None) or 100_000) / 1000.0
-    tol = HostLoad.GUARANTEED_TOLERANCE_CORES if args.guaranteed else HostLoad.TOLERANCE_CORES
+    tol = HostLoad.TOLERANCE_CORES
     n_cpu = HostLoad(act).n_cpus
     replica = Replica("resize-bench", model, threads=n_cpu, max_threads=n_cpu)
     sampler: UsageSampler | None = None

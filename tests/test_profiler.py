@@ -211,9 +211,9 @@ def test_small_real_profile_is_saved_and_accepted(small_run, model_file: Path) -
     # at 500 m a batch of 4 (36 ms of CPU) fits in one period's 50 ms quota or waits for the next one,
     # so its median flips between ~40 and ~85 ms, while the mean is the work divided by the allocation.
     by = {(c.batch, c.cpu_m): c.mean_ms for c in run.cells}
-    for b in BATCHES:
-        assert by[(b, 500)] > by[(b, 1000)] * 1.5 > by[(b, 2000)] * 1.5 * 1.4, by
-    assert by[(16, 1000)] > by[(4, 1000)] * 3, by
+    for b in BATCHES:  # twice the CPU: ~2x faster; asserted with room for a neighbour's disturbance
+        assert by[(b, 500)] > 1.3 * by[(b, 1000)] and by[(b, 1000)] > 1.3 * by[(b, 2000)], sorted(by.items())
+    assert by[(16, 1000)] > by[(4, 1000)] * 3, sorted(by.items())
     assert run.profile_path == model_file.with_name(model_file.name + ".profile.json"), run.problems
     assert run.png_path is not None and run.png_path.stat().st_size > 10_000
     # the store's own acceptance checks (R² >= 0.95 as usual; the p95 limit of this small grid, see above)
@@ -248,45 +248,54 @@ def test_live_resize_changes_latency_as_the_model_predicts(small_run, model_file
     fit_err = small_run.overall.max_rel_err
     predicted = {c: model.latency_ms(DEMO_BATCH, c) for c in (2000, 500)}
 
-    async def scenario() -> tuple[dict[str, list[float]], list[int], float]:
+    async def scenario() -> tuple[dict[str, list[float]], list[int], dict[str, float]]:
         sel = open_actuator("demo")
         act = sel.actuator
         rep = Replica("demo", str(model_file), threads=2, max_threads=2)
         load = HostLoad(act)
         phases: dict[str, list[float]] = {}
+        others: dict[str, float] = {}
         pids: list[int] = []
-        other = 0.0
         try:
             await rep.start()
             act.attach(rep.pid)
             x = random_inputs(rep.inputs, DEMO_BATCH)
+            act.apply(2000)
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 1.0:  # the worker builds its other session right after start
+                await rep.infer(x)
             for name, cpu in (("2000a", 2000), ("500", 500), ("2000b", 2000)):
                 act.apply(cpu)
                 _, followed = await wait_threads_follow(rep, threads_for(cpu), x)
                 assert followed, "the replica did not follow its new quota by itself"
-                await rep.infer(x)  # warm-up at this allocation
-                load.sample()
-                ms: list[float] = []
-                t0 = time.monotonic()
-                while len(ms) < 5 or (time.monotonic() - t0 < 0.8 and len(ms) < 15):
-                    ms.append((await rep.infer(x)).infer_ms)
-                other = max(other, load.sample())
-                phases[name] = ms
+                for _attempt in range(3):  # as the profiler: measure again if other processes took its CPU
+                    await rep.infer(x)  # warm-up at this allocation
+                    load.sample()
+                    ms: list[float] = []
+                    t0 = time.monotonic()
+                    while len(ms) < 5 or (time.monotonic() - t0 < 0.8 and len(ms) < 15):
+                        ms.append((await rep.infer(x)).infer_ms)
+                    other = load.sample()
+                    if name not in others or other < others[name]:
+                        phases[name], others[name] = ms, other
+                    if not load.contended(other, cpu, threads_for(cpu)):
+                        break
                 pids.append(rep.pid)
         finally:
             await rep.stop()
             act.close()
-        return phases, pids, other
+        return phases, pids, others
 
-    phases, pids, other = asyncio.run(scenario())
+    phases, pids, others = asyncio.run(scenario())
     assert len(set(pids)) == 1, f"the replica was restarted: pids {pids}"
     p99 = {k: float(np.percentile(v, 99)) for k, v in phases.items()}
     fast = min(p99["2000a"], p99["2000b"])
     measured_ratio = p99["500"] / fast
     predicted_ratio = predicted[500] / predicted[2000]
     tol = fit_err + 0.25
-    msg = (f"p99 {p99}, model {predicted}, ratio measured {measured_ratio:.2f} vs predicted {predicted_ratio:.2f}, "
-           f"fit max err {fit_err:.0%}, other processes used up to {other:.2f} cores")
+    med = {k: round(float(np.median(v)), 1) for k, v in phases.items()}
+    msg = (f"p99 {p99}, median {med}, model {predicted}, ratio measured {measured_ratio:.2f} vs predicted "
+           f"{predicted_ratio:.2f}, fit max err {fit_err:.0%}, other processes used {others} cores")
     assert measured_ratio > 2.0, msg
     assert abs(measured_ratio / predicted_ratio - 1) <= 2 * tol, msg
     err = evaluate(model, [ProfilePoint(DEMO_BATCH, 500, p99["500"]), ProfilePoint(DEMO_BATCH, 2000, fast)])

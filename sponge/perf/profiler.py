@@ -323,11 +323,10 @@ class HostLoad:
     at 2000 m on 2 cores any neighbour above 0.15 cores disturbs it, at 500 m one above 1.65 does.
     """
 
+    # Even under a high CPU weight (`guaranteed_roots`) a neighbour runs in the replica's idle gaps
+    # (between batches, at the barriers of a 2-thread run), and that is not harmless: on this 2-core
+    # host b=1 at 2000 m took 8.9 ms while neighbours got 0.28 cores, 5.8 ms when they got none.
     TOLERANCE_CORES = 0.15
-    # Under a high CPU weight (`guaranteed_roots`) neighbours run only in the replica's idle gaps
-    # (between batches, serial parts of a 2-thread run) and are preempted when it wakes; measured
-    # on this 2-core host: a neighbour burning one core still got 0.1-0.25 cores at 2000 m.
-    GUARANTEED_TOLERANCE_CORES = 0.3
 
     def __init__(self, actuator: Any, n_cpus: int | None = None, tolerance_cores: float | None = None) -> None:
         self.tolerance_cores = self.TOLERANCE_CORES if tolerance_cores is None else tolerance_cores
@@ -655,9 +654,7 @@ async def profile_model_async(
                     await replica.infer(random_inputs(replica.inputs, b, rng))
         cells = await measure_grid(replica, act, batches, cpu_ms, warmup=warmup, reps=reps, min_reps=min_reps,
                                    cell_seconds=cell_seconds, progress=progress, retries=retries,
-                                   retry_budget_s=retry_budget_s,
-                                   contention_tolerance_cores=HostLoad.GUARANTEED_TOLERANCE_CORES if guaranteed
-                                   and act.kind.startswith("cgroup") else None)
+                                   retry_budget_s=retry_budget_s)
         if replica.pid != pid:
             raise RuntimeError(f"replica restarted during profiling (pid {pid} -> {replica.pid})")
     finally:
