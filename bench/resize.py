@@ -308,7 +308,8 @@ def report(res: dict, verbose: bool) -> None:
     s = res["summary"]
     print(f"model {res['model']}, batch {res['batch']} back to back, each step held {res['hold_ms']:.0f} ms; "
           f"CFS period {res['cfs_period_ms']:g} ms (rate windows of one period); "
-          f"usage sampled every {res['sample_interval_ms']['median']:.1f} ms (p99 {res['sample_interval_ms']['p99']:.1f})")
+          f"usage sampled every {res['sample_interval_ms']['median']:.1f} ms "
+          f"(p99 {res['sample_interval_ms']['p99']:.1f})")
     if verbose:
         print("\n  dir   mode  old->new   old rate  demand  ref   in-effect  settled  threads  other cores")
         for st in res["steps"]:
@@ -327,13 +328,14 @@ def report(res: dict, verbose: bool) -> None:
     for key, x in s.items():
         print(f"  {key}: excluded {x['contended_excluded']} contended + {x['not_comparable_excluded']} not comparable; "
               f"never in effect {x['never_in_effect']}, never settled {x['never_settled']}; "
-              f"threads changed in {x['threads_steps'] + x['threads_never']} steps, never followed {x['threads_never']}")
+              f"threads changed in {x['threads_steps'] + x['threads_never']} steps, "
+              f"never followed {x['threads_never']}")
     for mode in ("told", "self"):
         p99s = [s[k]["in_effect_ms"]["p99"] for k in (f"up/{mode}", f"down/{mode}")
                 if k in s and s[k]["in_effect_ms"]["p99"] is not None]
         if p99s:
             worst = max(p99s)
-            print(f"in-effect p99, {mode}, worst direction = {worst:.0f} ms (target <= {TARGET_P99_MS:.0f} ms) -> "
+            print(f"in-effect p99, {mode}, worst direction = {worst:.1f} ms (target <= {TARGET_P99_MS:.0f} ms) -> "
                   f"{'MET' if worst <= TARGET_P99_MS else 'NOT MET'}")
 
 

@@ -672,8 +672,9 @@ async def profile_model_async(
 
 
 def _fit_and_store(model_path: Path, cells: list[CellStats], *, conditions: dict[str, Any], statistic: Statistic,
-                   weighting: Weighting, holdout_every: int, out: str | os.PathLike[str] | None, png: Any, save: bool, min_r2: float,
-                   max_p95_rel_err: float, actuator_reason: str, pid: int) -> ProfileRun:
+                   weighting: Weighting, holdout_every: int, out: str | os.PathLike[str] | None, png: Any,
+                   save: bool, min_r2: float, max_p95_rel_err: float, actuator_reason: str,
+                   pid: int) -> ProfileRun:
     from sponge.perf.plot import plot_fit
 
     grid0 = [c.grid_cell() for c in cells]
@@ -829,7 +830,8 @@ def format_fit(run: ProfileRun) -> str:
         lines.append(f"  held-back cells n={h.n:<2} R²={h.r2:.4f}  |rel err| p95 {h.p95_rel_err:.1%}"
                      f"  max {h.max_rel_err:.1%}")
     o = run.overall
-    lines.append(f"  all cells      n={o.n:<3} R²={o.r2:.4f}  |rel err| p95 {o.p95_rel_err:.1%}  max {o.max_rel_err:.1%}")
+    lines.append(f"  all cells      n={o.n:<3} R²={o.r2:.4f}  |rel err| p95 {o.p95_rel_err:.1%}"
+                 f"  max {o.max_rel_err:.1%}")
     lines.append("  ACCEPTED" if run.accepted else "  REJECTED: " + "; ".join(run.problems))
     return "\n".join(lines)
 
