@@ -37,9 +37,19 @@ class ServerConfig(BaseModel):
     min_cpu_m: int = Field(100, ge=1, description="smallest CPU per replica the controller may set")
     max_cpu_m: int | None = Field(None, ge=1, description="largest CPU per replica (default: all cores)")
     actuator: Literal["auto", "cgroup-v2", "cgroup-v1", "affinity", "none"] = "auto"
+    cfs_period_us: int = Field(
+        10_000, ge=1_000, le=1_000_000,
+        description="CFS period of replica quotas; 10 ms spreads a fractional CPU evenly in time (the kernel's "
+        "100 ms lets a small batch stall for the rest of a period: p99 at 250 m was 86 ms vs 50 ms here)")
+    guaranteed: bool = Field(True, description="put replica cgroups under a high-CPU-weight parent, so a replica "
+                             "gets its quota even when the front door or neighbours compete (like a Guaranteed pod)")
     policy: Literal["sponge", "paper", "static"] = "sponge"
     profile: str | None = Field(None, description="latency profile JSON (default: <model>.profile.json)")
     auto_profile: bool = Field(True, description="profile the model at start when no valid profile exists")
+    profile_min_r2: float = Field(0.95, gt=0, le=1, description="refuse a profile whose fit R² is lower")
+    profile_max_error: float = Field(
+        0.35, gt=0, description="refuse a profile whose p95 relative error is higher (the four-term model fits "
+        "EfficientNet-Lite0 here to ~15-30 %: thread-count steps and CFS noise; bench/profile.py reports it)")
     interval_ms: float = Field(1000.0, gt=0)
     admin_token: str | None = Field(None, description="bearer token for /admin endpoints (unset: admin disabled)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"

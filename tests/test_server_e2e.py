@@ -28,7 +28,8 @@ def trivial_server():
 
 @pytest.fixture(scope="module")
 def default_server():
-    srv = ServerProcess("--batch", "1")
+    # 500 m: ~20 ms per image, so a queue of 16 takes long enough for ordering to show.
+    srv = ServerProcess("--batch", "1", "--cpu-m", "500")
     yield srv
     srv.stop()
 

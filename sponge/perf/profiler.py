@@ -158,119 +158,7 @@ def random_inputs(specs: Sequence[Any], batch: int, rng: np.random.Generator | N
     return out
 
 
-# -- where the replica's cgroup lives -----------------------------------------------------------------
-
-GUARANTEED_ROOT = "sponge-guaranteed"
-GUARANTEED_V1_SHARES = 102_400  # vs 1024 for an ordinary process (the kernel's maximum is 262144)
-GUARANTEED_V2_WEIGHT = 10_000  # the maximum cpu.weight (100 = default)
-
-
-def guaranteed_roots() -> dict[str, Path]:
-    """Cgroup roots whose cpu.shares / cpu.weight is high, for `select_actuator(v1_root=, v2_root=)`.
-
-    Why: a CFS quota is a LIMIT; it does not reserve anything. On a shared host other processes
-    can take CPU a replica is allocated, and a profile measured then describes the neighbours.
-    Kubernetes gives a Guaranteed pod cpu.shares proportional to its request, so its limit is also
-    what it gets; this mirrors that for the profiled replica: its cgroup sits under a parent with a
-    very high weight, so it gets its quota whenever it wants it, and the quota still caps it.
-    Other processes only lose what the replica's allocation takes. The roots are created once and
-    left in place (like `<mount>/sponge`); their children follow the `sponge-<pid>-<name>` naming,
-    so `cleanup_stale` collects leftovers. Returns {} when no writable cgroup cpu controller exists.
-    """
-    from sponge.scaling.procfs import find_mount
-
-    roots: dict[str, Path] = {}
-    m1 = find_mount("cpu")
-    if m1 is not None:
-        root = m1.mount_point / GUARANTEED_ROOT
-        try:
-            root.mkdir(exist_ok=True)
-            (root / "cpu.shares").write_text(str(GUARANTEED_V1_SHARES))
-            roots["v1_root"] = root
-        except OSError as exc:
-            log.debug("no guaranteed v1 root at %s: %s", root, exc)
-    m2 = find_mount(None)
-    if m2 is not None:
-        try:
-            has_cpu = "cpu" in (m2.mount_point / "cgroup.controllers").read_text().split()
-        except OSError:
-            has_cpu = False
-        if has_cpu:
-            root = m2.mount_point / GUARANTEED_ROOT
-            try:
-                sub = m2.mount_point / "cgroup.subtree_control"
-                if "cpu" not in sub.read_text().split():
-                    sub.write_text("+cpu")
-                root.mkdir(exist_ok=True)
-                (root / "cpu.weight").write_text(str(GUARANTEED_V2_WEIGHT))
-                roots["v2_root"] = root
-            except OSError as exc:
-                log.debug("no guaranteed v2 root at %s: %s", root, exc)
-    return roots
-
-
-def open_actuator(replica_name: str, prefer: str = "auto", guaranteed: bool = True,
-                  period_us: int | None = None) -> Any:
-    """`select_actuator`, under the guaranteed roots when `guaranteed` (stale children removed first).
-
-    `period_us` None keeps the actuators' own CFS period (100 ms, as Kubernetes and `sponge serve`
-    use); another value builds the cgroup actuator with that period instead (same order of
-    preference: v2, then v1), for comparing periods. A profile is only valid for the period it was
-    measured with.
-    """
-    from sponge.scaling.cgroup import cleanup_stale
-    from sponge.scaling.procfs import find_mount
-    from sponge.scaling.select import cleanup_all_stale, select_actuator
-
-    try:
-        removed = cleanup_all_stale()
-        if removed:
-            log.info("removed %d stale cgroup(s) of dead servers: %s", len(removed), removed)
-    except OSError as exc:  # a read-only cgroupfs: the selection below reports it
-        log.debug("stale cgroup cleanup failed: %s", exc)
-    roots = guaranteed_roots() if guaranteed else {}
-    stale_roots = list(roots.values())
-    acct = find_mount("cpuacct")
-    if "v1_root" in roots and acct is not None:
-        stale_roots.append(acct.mount_point / GUARANTEED_ROOT)  # cgroup-v1's cpuacct twins
-    for r in stale_roots:
-        try:
-            cleanup_stale(r)
-        except OSError as exc:
-            log.debug("stale cgroup cleanup of %s failed: %s", r, exc)
-    if period_us is None:
-        sel = select_actuator(replica_name, prefer=prefer, **roots)
-    else:
-        sel = _select_with_period(replica_name, prefer, roots, period_us)
-    if roots and sel.actuator.kind.startswith("cgroup"):
-        sel = type(sel)(sel.actuator, sel.reason + f"; under {GUARANTEED_ROOT} (high CPU weight: the replica "
-                                                   "gets its quota even when other processes compete)")
-    return sel
-
-
-
-def _select_with_period(replica_name: str, prefer: str, roots: dict[str, Path], period_us: int) -> Any:
-    from sponge.scaling.base import ActuatorError
-    from sponge.scaling.cgroup import CgroupV1Actuator, CgroupV2Actuator
-    from sponge.scaling.select import Selection
-
-    failures: list[str] = []
-    if prefer in ("auto", "cgroup-v2"):
-        try:
-            a2 = CgroupV2Actuator(replica_name, roots.get("v2_root"), period_us=period_us)
-            return Selection(a2, f"cgroup-v2: cpu.max in {a2.path}, CFS period {period_us} us")
-        except ActuatorError as exc:
-            if prefer == "cgroup-v2":
-                raise
-            failures.append(f"v2 unusable ({exc})")
-    if prefer in ("auto", "cgroup-v1"):
-        try:
-            a1 = CgroupV1Actuator(replica_name, roots.get("v1_root"), period_us=period_us)
-            return Selection(a1, "; ".join(failures + [f"cgroup-v1: cpu.cfs_quota_us in {a1.path}, "
-                                                       f"CFS period {period_us} us"]))
-        except ActuatorError as exc:
-            failures.append(f"v1 unusable ({exc})")
-    raise ActuatorError(f"a CFS period of {period_us} us needs a writable cgroup: {'; '.join(failures)}")
+from sponge.scaling.guaranteed import GUARANTEED_ROOT, guaranteed_roots, open_actuator  # noqa: E402,F401
 
 
 def _cfs_period_us(actuator: Any) -> int | None:
@@ -773,16 +661,18 @@ def quick_profile(
     out: str | os.PathLike[str] | None = None,
     actuator: str = "auto",
     progress: bool = False,
+    **kwargs: Any,
 ) -> Profile:
     """A shorter profile for `sponge serve`'s auto-profiling at start (~30-40 s on 2 cores).
 
-    Batches 1..8, the default CPU grid up to `max_cpu_m`, ~0.6 s of timed work per cell. Raises
-    ProfileRejected like `profile_model`.
+    Batches 1..8, the default CPU grid up to `max_cpu_m`, ~0.6 s of timed work per cell (enough
+    repetitions for a stable p99 of small batches). Other keywords (period_us, guaranteed, min_r2,
+    max_p95_rel_err ...) as `profile_model_async`. Raises ProfileRejected like `profile_model`.
     """
     if actuator == "none":
         actuator = "auto"
-    return profile_model(model_path, batches=(1, 2, 4, 8), cpu_ms=default_cpu_grid(max_cpu_m), reps=25,
-                         progress=progress, min_reps=4, cell_seconds=0.6, out=out, actuator=actuator)
+    return profile_model(model_path, batches=(1, 2, 4, 8), cpu_ms=default_cpu_grid(max_cpu_m), reps=150,
+                         progress=progress, min_reps=4, cell_seconds=0.6, out=out, actuator=actuator, **kwargs)
 
 
 # -- text output --------------------------------------------------------------------------------------

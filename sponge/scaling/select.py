@@ -42,8 +42,13 @@ def select_actuator(
     v2_root: Path | str | None = None,
     *,
     v1_acct_root: Path | str | None | bool = True,
+    period_us: int | None = None,
 ) -> Selection:
-    """Probe v2, then v1, then fall back to affinity; `prefer` forces one kind (raising if it fails)."""
+    """Probe v2, then v1, then fall back to affinity; `prefer` forces one kind (raising if it fails).
+
+    `period_us`: the CFS period of the quota (None = the kernel's and Kubernetes' 100 ms). A shorter
+    period spreads a fractional allocation more evenly in time (see docs/ARCHITECTURE.md)."""
+    period = {} if period_us is None else {"period_us": period_us}
     if prefer not in PREFERENCES:
         raise ValueError(f"prefer must be one of {PREFERENCES}, got {prefer!r}")
     v1 = Path(v1_root) if v1_root is not None else default_v1_root()
@@ -52,16 +57,16 @@ def select_actuator(
     failures: list[str] = []
     if prefer in ("auto", "cgroup-v2"):
         try:
-            act = CgroupV2Actuator(replica_name, v2)
-            return Selection(act, f"cgroup-v2: cpu.max quota in {act.path} (1 m granularity)")
+            act = CgroupV2Actuator(replica_name, v2, **period)
+            return Selection(act, f"cgroup-v2: cpu.max quota in {act.path} (1 m granularity, CFS period {act.period_us} us)")
         except ActuatorError as e:
             if prefer == "cgroup-v2":
                 raise
             failures.append(f"v2 unusable ({e})")
     if prefer in ("auto", "cgroup-v1"):
         try:
-            act1 = CgroupV1Actuator(replica_name, v1, acct_root=v1_acct_root)
-            why = "; ".join(failures + [f"cgroup-v1: cpu.cfs_quota_us in {act1.path} (1 m granularity)"])
+            act1 = CgroupV1Actuator(replica_name, v1, acct_root=v1_acct_root, **period)
+            why = "; ".join(failures + [f"cgroup-v1: cpu.cfs_quota_us in {act1.path} (1 m granularity, CFS period {act1.period_us} us)"])
             return Selection(act1, why)
         except ActuatorError as e:
             if prefer == "cgroup-v1":

@@ -19,7 +19,7 @@ from sponge.policy.registry import make_policy
 from sponge.policy.types import Decision, Policy
 from sponge.runtime.replica import Replica
 from sponge.scaling.base import CpuActuator
-from sponge.scaling.select import cleanup_all_stale, select_actuator
+from sponge.scaling.guaranteed import open_actuator
 from sponge.scaling.self_limit import threads_for
 from sponge.scheduling.batcher import ExpiryPolicy
 from sponge.server.admin import install_admin
@@ -53,13 +53,10 @@ def make_actuators(cfg: ServerConfig, names: list[str], cpu_m: int) -> tuple[dic
     """One actuator per replica, chosen automatically (or as configured); returns them and why."""
     if cfg.actuator == "none":
         return {n: NullActuator(cpu_m) for n in names}, "none: allocations are not enforced (--actuator none)"
-    removed = cleanup_all_stale()
-    if removed:
-        log.info("removed %d stale cgroup(s) left by an earlier run: %s", len(removed), removed)
     chosen: dict[str, CpuActuator] = {}
     reason = ""
-    for n in names:
-        sel = select_actuator(n, prefer=cfg.actuator)
+    for n in names:  # open_actuator also removes stale cgroups of dead earlier runs
+        sel = open_actuator(n, prefer=cfg.actuator, guaranteed=cfg.guaranteed, period_us=cfg.cfs_period_us)
         chosen[n], reason = sel.actuator, sel.reason
     return chosen, reason
 
@@ -69,8 +66,13 @@ def obtain_latency_model(cfg: ServerConfig, model_path: Path, max_cpu_m: int) ->
     from sponge.perf.profile_store import ProfileError, load_profile, profile_path_for
 
     path = Path(cfg.profile) if cfg.profile else profile_path_for(model_path)
+    limits = {"min_r2": cfg.profile_min_r2, "max_p95_rel_err": cfg.profile_max_error}
     try:
-        profile = load_profile(path, model_path)
+        profile = load_profile(path, model_path, **limits)
+        measured_period = profile.machine.get("profiled_with", {}).get("cfs_period_us")
+        if measured_period is not None and cfg.actuator != "none" and measured_period != cfg.cfs_period_us:
+            raise ValueError(f"it was measured with a CFS period of {measured_period} us, the server uses "
+                             f"{cfg.cfs_period_us} us")
         log.info("latency profile %s: l(b,c) = %.3g*b/c + %.3g*b + %.3g/c + %.3g ms", path, profile.model.g,
                  profile.model.d, profile.model.e, profile.model.h)
         return profile.model
@@ -83,7 +85,8 @@ def obtain_latency_model(cfg: ServerConfig, model_path: Path, max_cpu_m: int) ->
     from sponge.perf.profiler import quick_profile
 
     log.warning("%s — profiling the model now (once; saved for later starts)", why)
-    profile = quick_profile(model_path, max_cpu_m=max_cpu_m, out=path, actuator=cfg.actuator)
+    profile = quick_profile(model_path, max_cpu_m=max_cpu_m, out=path, actuator=cfg.actuator, progress=True,
+                            period_us=cfg.cfs_period_us, guaranteed=cfg.guaranteed, **limits)
     return profile.model
 
 
