@@ -134,11 +134,8 @@ def profile_path_for(model_path: str | os.PathLike[str]) -> Path:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def model_file_info(model_path: str | os.PathLike[str]) -> ModelFileInfo:
