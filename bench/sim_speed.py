@@ -20,8 +20,8 @@ import time
 from sponge.perf.builtin_profiles import load_builtin_profile
 from sponge.policy import make_policy
 from sponge.sim import SimConfig, simulate
-from sponge.sim.scenario import Deployment, build_requests, build_trace, default_params
-from sponge.workload import RateTrace
+from sponge.sim.scenario import Deployment, default_params, request_set
+from sponge.workload.scenario import Scenario
 
 
 def _time(requests, model, name: str, params: dict, cfg: SimConfig, repeat: int) -> dict:
@@ -44,12 +44,12 @@ def main() -> int:
     dep = Deployment()
     rows: dict[str, dict] = {}
 
-    heavy = build_requests(RateTrace.constant(150.0, 600), seed=1)
+    heavy, _ = request_set(Scenario(trace="constant:150", duration_s=600, seed=1))
     cfg = SimConfig(initial_cpu_m=4000, initial_batch=8, initial_replicas=12, keep_explanations=False)
     rows["static-12x4c 150rps"] = _time(heavy, model, "static", {"cpu_m": 4000, "batch": 8, "replicas": 12}, cfg,
                                         args.repeat)
 
-    bursty = build_requests(build_trace("bursty", damping=5.0, scale=24.0 / 55.0), seed=1)
+    bursty, _ = request_set(Scenario(trace="twitter:bursty", damping=5.0, scale=24.0 / 55.0, seed=1))
     for name in ("sponge", "paper", "hpa", "joint"):
         p = default_params(name, dep)
         init = (dict(initial_cpu_m=1000, initial_batch=1, initial_replicas=2) if name == "hpa"

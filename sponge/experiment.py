@@ -10,9 +10,12 @@
       latency/budget, core-seconds and their ratio to the oracle lower bound of the policy's action space
       (sponge.sim.oracle), to static-at-peak and to `paper`, and the issue's targets for `sponge`.
 
-All policies of a window replay the same request plan (same arrivals, same budgets, same seed). The
-windows are scaled by one common factor so that the busiest window peaks at `--peak-rps` (default 24
-req/s, what one 16-core yolov5s replica can serve within ~1 s budgets), keeping "low" low and "high" high.
+All policies of a window replay the same request plan (same arrivals, same budgets, same seed). Each
+window is a `Scenario` (sponge.workload.scenario) — the workload options are `sponge load`'s and
+`sponge simulate`'s, less the trace and its scaling, which the experiment sets: the windows are scaled
+by one common factor so that the busiest window peaks at `--peak-rps` (default 24 req/s, what one
+16-core yolov5s replica can serve within ~1 s budgets), keeping "low" low and "high" high. The same
+window's requests are drawn live by `sponge load --trace twitter:<window> --scale <scale>`.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from sponge.workload.scenario import Scenario, add_scenario_args, scenario_from_args
 
 WINDOWS = ("bursty", "steady_low", "steady_high", "fluctuating")
 POLICIES = ("sponge", "paper", "static", "vpa", "hpa", "fa2", "joint", "clairvoyant")
@@ -63,23 +68,27 @@ class _Progress:
 
 
 # ---- (a) and (b) ---------------------------------------------------------------------------------------
-def budget_spread(out: Path, slo_ms: float = 1000.0, image_kibs: Sequence[int] = IMAGE_KIBS, seed: int = 0) -> dict[str, Any]:
-    """Budgets over the Ghent log's first 600 s (Sponge's setup: its rule, no RTT, trace offset 0)."""
-    from sponge.report.plots import plot_budget_spread
-    from sponge.workload import RateTrace, generate_requests, sponge_network_model
+# Sponge's own setup for the budget figure: its rule, no RTT, one client at trace offset 0 (trace time =
+# run time), 10 req/s evenly spaced over the Ghent log's first 600 s.
+SPONGE_BUDGETS = Scenario(trace="constant:10", duration_s=600, arrivals="uniform", network="ghent",
+                          tx_rule="sponge", rtt="none", clients=1, client_offsets="zero")
 
-    net = sponge_network_model()
-    trace = RateTrace.constant(10.0, 600)
+
+def budget_spread(out: Path, slo_ms: float = 1000.0, image_kibs: Sequence[int] = IMAGE_KIBS, seed: int = 0) -> dict[str, Any]:
+    """Per-request budgets of SPONGE_BUDGETS at each image size."""
+    from sponge.report.plots import plot_budget_spread
+
     budgets: dict[str, np.ndarray] = {}
     stats: dict[str, Any] = {}
     for kib in image_kibs:
-        plan = generate_requests(trace, net, slo_ms, kib * 1024, seed, arrivals="uniform", random_offsets=False)
+        plan = replace(SPONGE_BUDGETS, image_kib=kib, slo_ms=slo_ms, seed=seed).plan()
         b = np.array([r.budget_ms for r in plan])
         budgets[f"{kib} KiB"] = b
         stats[f"{kib} KiB"] = {"n": int(b.size), **{f"p{q}": float(np.percentile(b, q)) for q in (1, 5, 50, 95)},
                                "min": float(b.min()), "below_zero": int((b <= 0).sum())}
     png = plot_budget_spread(budgets, out / "budget_spread.png", slo_ms=slo_ms)
-    return {"png": png.name, "slo_ms": slo_ms, "network": net.describe(), "budgets": stats}
+    return {"png": png.name, "slo_ms": slo_ms, "network": SPONGE_BUDGETS.summary(),
+            "scenario": SPONGE_BUDGETS.describe(), "budgets": stats}
 
 
 def fit_plots(out: Path) -> dict[str, Any]:
@@ -122,40 +131,40 @@ def _local_profile(out: Path) -> dict[str, Any]:
 
 
 # ---- (c) -----------------------------------------------------------------------------------------------
-def common_scale(windows: Sequence[str], damping: float, peak_rps: float) -> float:
+def common_scale(windows: Sequence[str], damping: float | None, peak_rps: float) -> float:
+    """The one factor that makes the busiest of `windows` (whole, at `damping`) peak at `peak_rps`."""
     from sponge.workload import named_window
 
     top = max(named_window(w, damping).peak_rps for w in windows)
     return peak_rps / top
 
 
+def window_scenarios(base: Scenario, windows: Sequence[str], peak_rps: float) -> dict[str, Scenario]:
+    """The experiment's workloads: `base` over each Twitter window, all scaled by `common_scale`."""
+    scale = common_scale(windows, base.damping, peak_rps)
+    return {w: replace(base, trace=f"twitter:{w}", scale=scale, peak_rps=None) for w in windows}
+
+
 def run_window(
     window: str,
+    scenario: Scenario,
     out: Path,
     *,
-    scale: float,
-    damping: float,
     policies: Sequence[str],
     profile: str,
-    image_kib: float,
-    slo_ms: float,
-    seed: int,
-    duration_s: int | None,
     progress: _Progress,
-    arrivals: str = "poisson",
     plot: bool = True,
 ) -> dict[str, Any]:
     """Static-at-peak search, every policy, the oracle bounds, run directories and the timelines PNG."""
     from sponge.sim.cli import summary_rows
     from sponge.sim.engine import SimConfig
     from sponge.sim.oracle import oracle_bound
-    from sponge.sim.scenario import Deployment, build_requests, build_trace, load_model, run_policies, static_at_peak
+    from sponge.sim.scenario import Deployment, load_model, request_set, run_policies, static_at_peak
 
     model, model_desc = load_model(profile)
-    trace = build_trace(window, damping=damping, scale=scale, duration_s=duration_s)
-    requests = build_requests(trace, slo_ms=slo_ms, image_kib=image_kib, seed=seed, arrivals=arrivals)
+    requests, trace = request_set(scenario)
     dep = Deployment()
-    cfg = SimConfig(seed=seed)
+    cfg = SimConfig(seed=scenario.seed)
     static, static_att = static_at_peak(requests, model, dep, cfg)
     progress.step(f"{window}: static at peak {static.cpu_m}m b={static.batch}")
     results = {}
@@ -174,7 +183,8 @@ def run_window(
     wdir = out / window
     dirs = {}
     for name, r in results.items():
-        r.meta.update({"model": model_desc, "window": window, "oracle": rows[name]["oracle_core_seconds"]})
+        r.meta.update({"model": model_desc, "window": window, "scenario": scenario.describe(),
+                       "oracle": rows[name]["oracle_core_seconds"]})
         dirs[name] = str(r.write(wdir / name).relative_to(out))
     png = None
     if plot:
@@ -190,6 +200,7 @@ def run_window(
         row["ratio_to_vertical_oracle"] = results[name].core_seconds / v_oracle if v_oracle > 0 else None
     return {
         "window": window,
+        "scenario": scenario.describe(),
         "trace": trace.description,
         "requests": len(requests),
         "mean_rps": trace.mean_rps,
@@ -230,11 +241,12 @@ def _fmt(v: Any, fmt: str) -> str:
 
 
 def summary_markdown(result: dict[str, Any]) -> str:
+    d = result["scenario"]["damping"]
+    damping = "each window's own damping" if d is None else f"damping {d:g}"
     lines = ["# Sponge experiment", "",
              f"Model **{result['profile']}**, deployment: {result['deployment']}. "
-             f"Request plan: SLO {result['slo_ms']:g} ms, {result['image_kib']:g} KiB images over the Ghent 4G "
-             f"log (Sponge's transfer rule, 8 clients at random offsets), {result['arrivals']} arrivals within each second, seed {result['seed']}. "
-             f"Twitter 2021-08 windows at damping {result['damping']:g}, all scaled by {result['scale']:.3f} "
+             f"Request plan: {Scenario(**result['scenario']).summary()}. "
+             f"Twitter 2021-08 windows at {damping}, all scaled by {result['scale']:.3f} "
              f"(busiest peak = {result['peak_rps']:g} req/s). Simulated with sponge.sim "
              f"(interval {result['config']['interval_ms']:g} ms, resize delay {result['config']['resize_delay_ms']:g} ms, "
              f"cold start {result['config']['cold_start_ms']:g} ms, expiry {result['config']['expiry']}).", "",
@@ -346,20 +358,16 @@ def markdown_to_html(md: str, title: str = "Sponge experiment") -> str:
 def run_experiment(
     out: str | Path = "runs/experiment",
     *,
+    base: Scenario = Scenario(),
     windows: Sequence[str] = WINDOWS,
+    peak_rps: float = 24.0,
     policies: Sequence[str] = POLICIES,
     profile: str = "yolov5s",
-    damping: float = 5.0,
-    peak_rps: float = 24.0,
-    image_kib: float = 200.0,
-    slo_ms: float = 1000.0,
-    seed: int = 0,
-    duration_s: int | None = None,
-    arrivals: str = "poisson",
     quiet: bool = False,
     plots: bool = True,
 ) -> dict[str, Any]:
-    """Everything of the module docstring into `out`; returns the figures (also in summary.json)."""
+    """Everything of the module docstring into `out`; `base` is the workload of every window but its
+    trace and scale (`window_scenarios`). Returns the figures (also in summary.json)."""
     from sponge.sim.engine import SimConfig
     from sponge.sim.scenario import Deployment
 
@@ -367,29 +375,23 @@ def run_experiment(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     progress = _Progress(2 + len(windows) * (len(policies) + 3), quiet)
-    budgets = budget_spread(out, slo_ms)
+    budgets = budget_spread(out, base.slo_ms, seed=base.seed)
     progress.step("budget spread")
     fits = fit_plots(out)
     progress.step("fit plots")
-    scale = common_scale(windows, damping, peak_rps)
-    results = []
-    for w in windows:
-        results.append(run_window(w, out, scale=scale, damping=damping, policies=policies, profile=profile,
-                                  image_kib=image_kib, slo_ms=slo_ms, seed=seed, duration_s=duration_s,
-                                  progress=progress, plot=plots, arrivals=arrivals))
+    scenarios = window_scenarios(base, windows, peak_rps)
+    results = [run_window(w, sc, out, policies=policies, profile=profile, progress=progress, plot=plots)
+               for w, sc in scenarios.items()]
     progress.close()
+    dep = Deployment()
     result = {
         "profile": profile,
-        "deployment": Deployment().vertical.describe() + f"; joint up to {Deployment().max_replicas} replicas; "
-                      f"hpa/fa2 {Deployment().replica_cpu_m} m replicas",
-        "config": asdict(SimConfig(seed=seed)),
-        "damping": damping,
-        "scale": scale,
+        "deployment": dep.vertical.describe() + f"; joint up to {dep.max_replicas} replicas; "
+                      f"hpa/fa2 {dep.replica_cpu_m} m replicas",
+        "config": asdict(SimConfig(seed=base.seed)),
+        "scenario": base.describe(),
+        "scale": next(iter(scenarios.values())).scale,
         "peak_rps": peak_rps,
-        "image_kib": image_kib,
-        "slo_ms": slo_ms,
-        "seed": seed,
-        "arrivals": arrivals,
         "budgets": budgets,
         "fits": fits,
         "windows": results,
@@ -404,11 +406,9 @@ def run_experiment(
 
 def _main(args: argparse.Namespace) -> int:
     try:
-        res = run_experiment(
-            args.out, windows=args.windows, policies=args.policies, profile=args.profile, damping=args.damping,
-            peak_rps=args.peak_rps, image_kib=args.image_kib, slo_ms=args.slo_ms, seed=args.seed,
-            duration_s=args.duration_s, arrivals=args.arrivals, quiet=args.quiet, plots=not args.no_plots,
-        )
+        res = run_experiment(args.out, base=scenario_from_args(args), windows=args.windows,
+                             peak_rps=args.busiest_peak_rps, policies=args.policies, profile=args.profile,
+                             quiet=args.quiet, plots=not args.no_plots)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"sponge experiment: {e}", file=sys.stderr)
         return 2
@@ -433,14 +433,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--policies", nargs="+", default=list(POLICIES),
                    help="policies to compare ('clairvoyant' is the simulator-only reference)")
     p.add_argument("--profile", default="yolov5s", help="built-in profile or profile JSON for the simulations")
-    p.add_argument("--damping", type=float, default=5.0, help="Twitter trace damping (Sponge: 5)")
-    p.add_argument("--peak-rps", type=float, default=24.0, help="the busiest window is scaled to this peak")
-    p.add_argument("--image-kib", type=float, default=200.0)
-    p.add_argument("--slo-ms", type=float, default=1000.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--duration-s", type=int, default=None, help="truncate every window (quick runs)")
-    p.add_argument("--arrivals", choices=["poisson", "uniform"], default="poisson",
-                   help="within each second of the trace: Poisson, or the count evenly spaced (barazmoon-like)")
+    p.add_argument("--peak-rps", dest="busiest_peak_rps", metavar="RPS", type=float, default=24.0,
+                   help="the busiest window is scaled to this peak; the others by the same factor")
+    add_scenario_args(p, omit=("trace", "scale", "peak_rps"))
     p.add_argument("--no-plots", action="store_true", help="skip the timeline PNGs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_main)

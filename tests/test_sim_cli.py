@@ -32,7 +32,7 @@ def _run(register, argv: list[str]) -> int:
 @needs_data
 def test_simulate_writes_runs_and_a_json_line(tmp_path, capsys):
     out = tmp_path / "sim"
-    rc = _run(sim_cli.register, ["simulate", "--window", "steady_high", "--duration-s", "60", "--scale", "0.44",
+    rc = _run(sim_cli.register, ["simulate", "--trace", "twitter:steady_high", "--duration-s", "60", "--scale", "0.44",
                                  "--policy", "sponge,static,hpa", "--static-cpu-m", "8000", "--static-batch", "6",
                                  "--set", "sponge.headroom=0.2", "--out", str(out)])
     assert rc == 0
@@ -47,7 +47,7 @@ def test_simulate_writes_runs_and_a_json_line(tmp_path, capsys):
 
 
 def test_simulate_rejects_unknown_policies(capsys):
-    assert _run(sim_cli.register, ["simulate", "--constant-rps", "5", "--policy", "nope"]) == 2
+    assert _run(sim_cli.register, ["simulate", "--trace", "constant:5", "--policy", "nope"]) == 2
 
 
 @needs_data

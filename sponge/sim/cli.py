@@ -1,10 +1,11 @@
 """`sponge simulate`: one request plan, several policies side by side, a lower bound on what they must
 spend, and one run directory per policy in the results format `sponge report` reads.
 
-    sponge simulate --window bursty --scale 0.436 --policy sponge,paper,static,hpa --out runs/sim
+    sponge simulate --trace twitter:bursty --scale 0.436 --policy sponge,paper,static,hpa --out runs/sim
 
-Prints the summary table (sponge.report.summary) with core-seconds as a ratio to the oracle bound, then
-one JSON line (last) with every figure.
+The workload options are `sponge load`'s (sponge.workload.scenario): the same options draw the same
+requests live and here. Prints the summary table (sponge.report.summary) with core-seconds as a ratio
+to the oracle bound, then one JSON line (last) with every figure.
 """
 
 from __future__ import annotations
@@ -24,33 +25,13 @@ from sponge.sim.scenario import (
     ALL_POLICIES,
     REFERENCES,
     Deployment,
-    build_requests,
-    build_trace,
     load_model,
     parse_overrides,
+    request_set,
     run_policies,
     static_at_peak,
 )
-
-
-def add_workload_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("workload")
-    g.add_argument("--window", help="Twitter 2021-08 window: bursty, steady_low, steady_high, fluctuating")
-    g.add_argument("--start", type=int, help="or: first second of the Twitter 2021-08 trace")
-    g.add_argument("--end", type=int, help="... and the second after the last")
-    g.add_argument("--constant-rps", type=float, help="or: a constant rate")
-    g.add_argument("--duration-s", type=int, help="truncate the trace (or the constant rate's length)")
-    g.add_argument("--damping", type=float, default=None, help="divide the Twitter counts (window default: 5)")
-    g.add_argument("--scale", type=float, help="multiply the rates")
-    g.add_argument("--peak-rps", type=float, help="scale the trace so its peak is this")
-    g.add_argument("--network", choices=["ghent", "none"], default="ghent", help="network trace for budgets")
-    g.add_argument("--image-kib", type=float, default=200.0, help="upload size per request")
-    g.add_argument("--slo-ms", type=float, default=1000.0)
-    g.add_argument("--rtt-ms", type=float, default=0.0, help="base RTT added to the transfer time")
-    g.add_argument("--clients", type=int, default=8, help="clients, each at its own offset in the network trace")
-    g.add_argument("--arrivals", choices=["poisson", "uniform"], default="poisson",
-                   help="within each second: Poisson (open loop) or evenly spaced (paced load tester)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the request plan and of service-time noise")
+from sponge.workload.scenario import add_scenario_args, scenario_from_args
 
 
 def add_deployment_args(p: argparse.ArgumentParser) -> None:
@@ -132,14 +113,8 @@ def _main(args: argparse.Namespace) -> int:
         return 2
     try:
         model, model_desc = load_model(args.profile)
-        if args.window is None and args.start is None and args.constant_rps is None:
-            args.window = "bursty"
-        trace = build_trace(args.window, start=args.start, end=args.end, damping=args.damping,
-                            constant_rps=args.constant_rps, duration_s=args.duration_s, peak_rps=args.peak_rps,
-                            scale=args.scale)
-        requests = build_requests(trace, slo_ms=args.slo_ms, image_kib=args.image_kib, network=args.network,
-                                  rtt_ms=args.rtt_ms, clients=args.clients, seed=args.seed,
-                                  arrivals=args.arrivals)
+        scenario = scenario_from_args(args)
+        requests, trace = request_set(scenario)
         overrides = parse_overrides(args.set or [])
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"sponge simulate: {e}", file=sys.stderr)
@@ -173,13 +148,15 @@ def _main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     dirs = {}
     for name, r in results.items():
-        r.meta.update({"model": model_desc, "oracle": rows[name]["oracle_core_seconds"]})
+        r.meta.update({"model": model_desc, "scenario": scenario.describe(),
+                       "oracle": rows[name]["oracle_core_seconds"]})
         dirs[name] = str(r.write(out / name))
     print(print_table(results, rows))
     print(f"\nwrote {', '.join(dirs.values())}  (sponge report {' '.join(dirs.values())})")
     figures = {
         "requests": len(requests),
         "trace": trace.description,
+        "scenario": scenario.describe(),
         "model": model_desc,
         "config": asdict(cfg),
         "deployment": asdict(dep),
@@ -198,7 +175,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `simulate` sub-command; the parser's `func(args) -> int` runs it."""
     p = subparsers.add_parser("simulate", help="trace-driven simulation of policies side by side (paper scale)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_workload_args(p)
+    add_scenario_args(p)
     add_deployment_args(p)
     p.add_argument("--policy", default="sponge,paper,static,vpa,hpa,fa2,joint",
                    help=f"comma-separated policies or 'all' (known: {', '.join(POLICY_NAMES)}; simulator-only "

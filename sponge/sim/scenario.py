@@ -1,8 +1,9 @@
 """The pieces of a simulated comparison, shared by `sponge simulate` and `sponge experiment`.
 
-A scenario = a request plan (trace x network x image size x SLO, drawn once, replayed for every policy),
-a latency model, a deployment (the action spaces of the compared policies) and one fresh policy object
-per run, built by `sponge.policy.make_policy` exactly as the live controller builds it.
+A comparison = a request plan (a `sponge.workload.scenario.Scenario`, the description `sponge load` replays
+live; drawn once, replayed for every policy), a latency model, a deployment (the action spaces of the
+compared policies) and one fresh policy object per run, built by `sponge.policy.make_policy` exactly as the
+live controller builds it.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from sponge.policy.types import Decision, Policy
 from sponge.sim.engine import SimConfig, SimResult, simulate
 from sponge.sim.inputs import RequestSet
 from sponge.sim.oracle import ActionSpace
-from sponge.workload import RateTrace, generate_requests, named_window, scale_to_peak, twitter_2021
-from sponge.workload.network import NetworkModel, RttModel, read_ghent_log
+from sponge.workload import RateTrace
+from sponge.workload.scenario import Scenario
 
 ALL_POLICIES = ("sponge", "paper", "static", "vpa", "hpa", "fa2", "joint")
 REFERENCES = ("clairvoyant",)  # simulator-only: they read the future (sponge.sim.clairvoyant)
@@ -60,64 +61,28 @@ def measured_noise_sigma(profile_path: str | Path) -> float:
 
 
 # ---- workload ----------------------------------------------------------------------------------------
-def build_trace(
-    window: str | None = None,
-    *,
-    start: int | None = None,
-    end: int | None = None,
-    damping: float | None = None,
-    constant_rps: float | None = None,
-    duration_s: int | None = None,
-    peak_rps: float | None = None,
-    scale: float | None = None,
-) -> RateTrace:
-    """A named Twitter window, a [start, end) slice of the Twitter trace, or a constant rate; then
-    optionally scaled by `scale` or to a peak of `peak_rps`."""
-    if constant_rps is not None:
-        tr = RateTrace.constant(constant_rps, int(duration_s or 600))
-    elif window is not None:
-        tr = named_window(window, damping)
-    elif start is not None:
-        tr = twitter_2021(start, end if end is not None else start + int(duration_s or 1200), damping or 1.0)
-    else:
-        raise ValueError("give a window name, a start second, or a constant rate")
-    if duration_s is not None and constant_rps is None:
-        tr = tr.window(0, int(duration_s))
-    if scale is not None:
-        tr = RateTrace(tr.rps * scale, f"{tr.description}, x{scale:.3g}")
-    if peak_rps is not None:
-        tr = scale_to_peak(tr, peak_rps)
-    return tr
+def request_set(scenario: Scenario) -> tuple[RequestSet, RateTrace]:
+    """The scenario's plan as the simulator's columns — the very requests `sponge load` sends for it
+    (`Scenario.plan()` is `plan_over(rate_trace())`) — and the rate trace it was drawn from."""
+    trace = scenario.rate_trace()
+    return _columns(scenario, trace), trace
 
 
-def network_model(kind: str = "ghent", rtt_ms: float = 0.0, uplink_scale: float = 1.0) -> NetworkModel | None:
-    """'ghent': the Ghent 4G bus log with Sponge's transfer rule (README §B1); 'none': budget = SLO."""
-    if kind == "none":
-        return None
-    if kind != "ghent":
-        raise ValueError(f"network must be 'ghent' or 'none', got {kind!r}")
-    return NetworkModel(read_ghent_log(), rule="sponge", rtt=RttModel.constant(rtt_ms), uplink_scale=uplink_scale)
+def _columns(scenario: Scenario, trace: RateTrace) -> RequestSet:
+    return RequestSet.from_planned(scenario.plan_over(trace), trace.duration_s * 1000.0,
+                                   f"{trace.description}; {scenario.summary()}")
 
 
-def build_requests(
-    trace: RateTrace,
-    *,
-    slo_ms: float = 1000.0,
-    image_kib: float = 200.0,
-    network: str = "ghent",
-    rtt_ms: float = 0.0,
-    clients: int = 8,
-    seed: int = 0,
-    arrivals: str = "poisson",
-) -> RequestSet:
-    """The load generator's plan (`generate_requests`), as columns. arrivals: 'poisson' (open loop, within
-    each second of the trace) or 'uniform' (each second's count evenly spaced, as a paced load tester)."""
-    net = network_model(network, rtt_ms)
-    plan = generate_requests(trace, net, slo_ms, int(round(image_kib * 1024)), seed, clients=clients,
-                             arrivals=arrivals)  # type: ignore[arg-type]
-    desc = (f"{trace.description}; {arrivals} arrivals, SLO {slo_ms:g} ms, {image_kib:g} KiB images, network "
-            f"{'none' if net is None else net.describe()}, {clients} clients, seed {seed}")
-    return RequestSet.from_planned(plan, trace.duration_s * 1000.0, desc)
+# Kept only for bench/policy_tuning.py (being written elsewhere); delete once it builds Scenarios.
+def build_trace(window: str, *, damping: float | None = None, scale: float | None = None,
+                peak_rps: float | None = None) -> RateTrace:
+    """Deprecated: `Scenario(trace=f"twitter:{window}", ...).rate_trace()`."""
+    return Scenario(trace=f"twitter:{window}", damping=damping, scale=scale, peak_rps=peak_rps).rate_trace()
+
+
+def build_requests(trace: RateTrace, *, slo_ms: float = 1000.0, seed: int = 0) -> RequestSet:
+    """Deprecated: `request_set(Scenario(...))`; the default scenario's plan over `trace`."""
+    return _columns(Scenario(slo_ms=slo_ms, seed=seed), trace)
 
 
 # ---- deployment and policies -------------------------------------------------------------------------
