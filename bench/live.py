@@ -24,7 +24,7 @@ from serverproc import ADMIN_TOKEN, ServerProcess  # noqa: E402
 
 from sponge.config import ServerConfig  # noqa: E402
 from sponge.models.efficientnet_lite0 import default_model_path  # noqa: E402
-from sponge.server.serve import make_policy_for  # noqa: E402
+from sponge.server.serve import make_policy_for, obtain_latency_model  # noqa: E402
 from sponge.sim.engine import SimConfig, simulate  # noqa: E402
 from sponge.sim.inputs import RequestSet  # noqa: E402
 from sponge.sim.scenario import measured_noise_sigma  # noqa: E402
@@ -37,14 +37,12 @@ from sponge.workload.loadgen import run_load  # noqa: E402
 from sponge.workload.scenario import Scenario  # noqa: E402
 
 
-def ensure_profile(model_path: Path):
-    try:
-        return load_profile(profile_path_for(model_path), model_path)
-    except (FileNotFoundError, ValueError, Exception) as exc:  # any refusal: measure anew
-        print(f"no usable profile ({exc}); profiling the default model first ...", flush=True)
-        from sponge.perf.profiler import profile_model
-
-        return profile_model(model_path)
+def ensure_profile(model_path: Path, max_cpu_m: int):
+    """The profile `sponge serve` uses (loaded, or measured exactly as the server would)."""
+    cfg = ServerConfig()
+    obtain_latency_model(cfg, model_path, max_cpu_m)
+    return load_profile(profile_path_for(model_path), model_path, min_r2=cfg.profile_min_r2,
+                        max_p95_rel_err=cfg.profile_max_error)
 
 
 def smallest_static(model, scenario: Scenario, peak_rps: float, max_cpu_m: int, max_batch: int) -> tuple[int, int]:
@@ -73,7 +71,7 @@ def main() -> int:
     cores = len(os.sched_getaffinity(0))
     max_cpu_m = 1000 * cores
     model_path = default_model_path()
-    profile = ensure_profile(model_path)
+    profile = ensure_profile(model_path, max_cpu_m)
     m = profile.model
     best = max(m.throughput_rps(b, max_cpu_m) for b in range(1, args.max_batch + 1))
     peak = round(args.peak_fraction * best, 1)
@@ -103,6 +101,8 @@ def main() -> int:
         srv = ServerProcess(*flags, "--max-batch", str(args.max_batch), "--log-level", "warning")
         try:
             time.sleep(1.0)
+            state = srv.admin("GET", "/admin/replicas").json()  # the configuration in force at the start
+            start_cpu, start_batch = state["replicas"][0]["cpu_m"], state["batch"]
             run_load(scenario, srv.url, "efficientnet-lite0", out / name, ADMIN_TOKEN, label=name)
         finally:
             srv.stop()
@@ -111,8 +111,8 @@ def main() -> int:
         policy = make_policy_for(cfg, m, cfg.cpu_m, max_cpu_m)
         sim = simulate(RequestSet.from_planned(scenario.plan()), m, policy,
                        SimConfig(interval_ms=cfg.interval_ms, resize_delay_ms=5.0, noise_sigma=noise,
-                                 max_wait_ms=cfg.max_batch_wait_ms, initial_cpu_m=cfg.cpu_m,
-                                 initial_batch=cfg.batch, expiry=cfg.expiry_policy))
+                                 max_wait_ms=cfg.max_batch_wait_ms, initial_cpu_m=start_cpu,
+                                 initial_batch=start_batch, expiry=cfg.expiry_policy))
         sim.write(out / f"{name}-sim")
         sreqs, stl, _ = read_run(out / f"{name}-sim")
         sims[name] = summarize(sreqs, stl)

@@ -4,10 +4,10 @@ One real replica process is resized in place through the real CPU actuator (cgro
 batch sizes x CPU allocations; l(b, c) = g*b/c + d*b + e/c + h is fitted to the cells' p99 and judged
 on held-back cells. Targets: R² >= 0.95 and p95 relative error <= 15 % on the held-back cells.
 
-The profile is measured with the CFS period `sponge serve` uses (the actuator's default, 100 ms) and
-saved next to the model when it is accepted. By default the same grid is then measured again with a
-10 ms period (`--compare-period-us`, 0 to skip) and saved beside it as `*.profile.cfs10000us.json`:
-under a 100 ms period a replica allocated 500 m runs ~50 ms at full speed then waits ~50 ms, so the
+The profile is measured with the CFS period `sponge serve` uses (10 ms, `cfs_period_us`) and saved
+next to the model when `sponge serve` would accept it. By default the same grid is then measured
+again with the kernel's 100 ms period (`--compare-period-us`, 0 to skip) and saved beside it as
+`*.profile.cfs100000us.json`: under a 100 ms period a replica allocated 500 m runs ~50 ms at full speed then waits ~50 ms, so the
 p99 of a small batch carries a throttling wait of up to 100*(1 - c/ceil(c)) ms that the four-term
 model cannot express; a 10 ms period shrinks that wait tenfold. `--statistic median_ms` fits the
 median instead (bimodal at 100 ms, where a batch either fits in the period's quota or waits; smooth
@@ -29,6 +29,7 @@ import logging
 import sys
 from pathlib import Path
 
+from sponge.config import ServerConfig
 from sponge.perf.profile_store import profile_path_for
 from sponge.perf.profiler import DEFAULT_BATCHES, ProfileRun, default_cpu_grid, describe_run, run_profile
 
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-m", dest="cpu_m", type=_ints, default=None)
     ap.add_argument("--statistic", choices=["p99_ms", "median_ms"], default="p99_ms")
     ap.add_argument("--out", help="profile path (default: next to the model)")
-    ap.add_argument("--compare-period-us", dest="compare", type=int, default=10_000,
+    ap.add_argument("--compare-period-us", dest="compare", type=int, default=100_000,
                     help="also profile with this CFS period (0: do not)")
     ap.add_argument("--quick", action="store_true", help="batches 1,4,8 at 500/1000/2000 m, short cells")
     ap.add_argument("--no-progress", action="store_true")
@@ -79,15 +80,18 @@ def main(argv: list[str] | None = None) -> int:
         from sponge.models.efficientnet_lite0 import default_model_path
 
         model = str(default_model_path())
-    kw: dict = {"statistic": args.statistic, "progress": not args.no_progress}
+    serve = ServerConfig()
+    kw: dict = {"statistic": args.statistic, "progress": not args.no_progress,
+                "min_r2": serve.profile_min_r2, "max_p95_rel_err": serve.profile_max_error}
     batches, cpu = args.batches, args.cpu_m or list(default_cpu_grid())
     if args.quick:
         batches, cpu = [1, 4, 8], [500, 1000, 2000]
         kw |= {"cell_seconds": 0.5, "reps": 15}
     out = Path(args.out) if args.out else profile_path_for(model)
 
-    print(f"model: {model}\n\n=== CFS period of the actuator (what `sponge serve` uses) ===", flush=True)
-    run = run_profile(model, batches, cpu, out=out, **kw)
+    print(f"model: {model}\n\n=== CFS period {serve.cfs_period_us / 1000:g} ms (what `sponge serve` uses) ===",
+          flush=True)
+    run = run_profile(model, batches, cpu, out=out, period_us=serve.cfs_period_us, **kw)
     print(describe_run(run))
     fig = _figures(run)
     print(_verdict(fig), flush=True)

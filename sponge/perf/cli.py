@@ -16,6 +16,8 @@ import json
 import logging
 import sys
 
+from sponge.config import ServerConfig
+
 
 def _int_list(text: str) -> list[int]:
     try:
@@ -59,9 +61,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--png", help="where to write the fit picture (default: next to the profile)")
     p.add_argument("--actuator", choices=["auto", "cgroup-v2", "cgroup-v1", "affinity"], default="auto",
                    help="how CPU allocations are applied (default: best available)")
-    p.add_argument("--period-us", dest="period_us", type=int, default=None,
-                   help="CFS period of the replica's cgroup (default: the actuator's, 100000 = 100 ms, as "
-                        "`sponge serve` uses; a profile is valid only for the period it was measured with)")
+    serve = ServerConfig()
+    p.add_argument("--period-us", dest="period_us", type=int, default=serve.cfs_period_us,
+                   help=f"CFS period of the replica's cgroup (default: {serve.cfs_period_us}, what `sponge serve` "
+                        "uses; a profile is valid only for the period it was measured with)")
+    p.add_argument("--min-r2", type=float, default=serve.profile_min_r2, help="refuse a fit with a lower R²")
+    p.add_argument("--max-error", type=float, default=serve.profile_max_error,
+                   help="refuse a fit whose p95 relative error is higher (default: what `sponge serve` accepts)")
     p.add_argument("--no-guarantee", dest="guaranteed", action="store_false",
                    help="do not give the profiled replica a high CPU weight (by default it is placed under a "
                         "high cpu.shares/cpu.weight parent so other processes cannot take its allocation)")
@@ -99,6 +105,8 @@ def _run(args: argparse.Namespace) -> int:
         progress=args.progress,
         guaranteed=args.guaranteed,
         period_us=args.period_us,
+        min_r2=args.min_r2,
+        max_p95_rel_err=args.max_error,
     )
     print(f"model: {model}")
     print(describe_run(run))
