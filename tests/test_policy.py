@@ -2,8 +2,10 @@
 
 Most cases use the toy model  l(b, c) = (50 b + 50) / c  ms  (c in cores; g=50, d=0, e=50, h=0), so
 that l(1, 1 core) = 100 ms, l(2, 1 core) = 150 ms, l(4, 1 core) = 250 ms, and h(b, c) = 1000 b / l.
-Unless a test says otherwise the Sponge optimizer runs with headroom 0 and burst_z 0 so the arithmetic
-stays exact; its safety factor is the default 0.9.
+Unless a test says otherwise the Sponge optimizer's arrivals are their expected deadlines
+(arrival_eps=None with burst_z 0: no burst allowance, always one arrival at the tightest budget) so the
+arithmetic stays exact; its safety factor is the default 0.9. The Poisson envelope, the rate estimate and
+the infeasible rule have their own tests below.
 """
 
 from __future__ import annotations
@@ -31,16 +33,26 @@ from sponge.policy import (
     SpongeOptimizer,
     StaticPolicy,
     VPALikePolicy,
+    WindowMean,
     build_workload,
     check,
     make_policy,
     make_predictor,
 )
-from sponge.policy.feasibility import BudgetProfile, arrival_bounds_for_loads, latency_bounds_ms, worst_slacks_ms
+from sponge.policy.feasibility import (
+    BudgetProfile,
+    Workload,
+    arrival_bounds_for_loads,
+    backlog_only,
+    excess_jobs,
+    latency_bounds_ms,
+    poisson_envelope,
+    worst_slacks_ms,
+)
 from sponge.policy.hysteresis import DownscaleStabilizer
 
 TOY = LatencyModel(g=50.0, d=0.0, e=50.0, h=0.0)
-EXACT = dict(headroom=0.0, burst_z=0.0)  # SpongeOptimizer settings that keep hand arithmetic exact
+EXACT = dict(headroom=0.0, burst_z=0.0, arrival_eps=None)  # keep hand arithmetic exact (see the docstring)
 
 
 def obs(
@@ -75,7 +87,8 @@ def test_predictors_on_a_short_history() -> None:
     # EWMA(0.5) from the first value: 0 -> 0.5*4 + 0.5*0 = 2 -> 0.5*8 + 0.5*2 = 5
     assert EWMA(0.5).predict(h) == 5.0
     assert EWMA(1.0).predict(h) == Reactive().predict(h)
-    for p in (Reactive(), MaxWindow(3), EWMA(0.3)):
+    assert WindowMean(2).predict(h) == 6.0 and WindowMean(10).predict(h) == 4.0  # mean of what there is
+    for p in (Reactive(), MaxWindow(3), EWMA(0.3), WindowMean()):
         assert p.predict(()) == 0.0
 
 
@@ -173,20 +186,70 @@ def test_backlog_forces_scale_up() -> None:
     assert idle.decide(obs(0.0, current=Decision(100, 1))).cpu_m == 750
 
 
-def test_infeasible_goes_to_max_cpu_with_the_least_late_batch() -> None:
-    # 20 queued requests with 100 ms left (90 ms after safety), one arrival at 270; max 2 cores, so
-    # l(b, 2000 m) = 25 b + 25. Nothing meets 90 ms for all twenty. Worst slack per batch size, from the
-    # backlog's last batch k = floor(19/b):  90 - (k + 2) * (25 b + 25):
+def test_infeasible_previous_rule_goes_to_max_cpu_with_the_least_late_batch() -> None:
+    # infeasible="max" (the previous rule, JointOptimizer's). 20 queued requests with 100 ms left (90 ms
+    # after safety), one arrival at 270; max 2 cores, so l(b, 2000 m) = 25 b + 25. Nothing meets 90 ms for
+    # all twenty. Worst slack per batch size, from the backlog's last batch k = floor(19/b):
+    #   90 - (k + 2) * (25 b + 25):
     #   b=1: 90 - 21*50 = -960   b=2: 90 - 11*75 = -735   b=3: 90 - 8*100 = -710
     #   b=4: 90 - 6*125 = -660   b=5: 90 - 5*150 = -660   b=6: -785  b=7: -710  b=8: -810
     # (the arrival, at 270 ms, is never worse). Least lateness: b=4 and b=5 tie at -660; the first wins.
-    opt = SpongeOptimizer(TOY, max_cpu_m=2000, step_m=50, max_batch=8, **EXACT)
+    opt = SpongeOptimizer(TOY, max_cpu_m=2000, step_m=50, max_batch=8, infeasible="max", **EXACT)
     d = opt.decide(obs(0.0, queue=(100.0,) * 20, current=Decision(500, 1)))
     assert (d.cpu_m, d.batch, d.feasible) == (2000, 4, False)
     assert "INFEASIBLE" in d.explanation and "worst slack -660.0 ms" in d.explanation
     w = opt.workload((300.0,) * 50, (100.0,) * 20, 0.0, 1000.0)
     slacks = worst_slacks_ms(w, TOY.latency_ms(np.arange(1, 9), 2000.0))
     assert np.allclose(slacks, [-960, -735, -710, -660, -660, -785, -710, -810])
+
+
+def test_infeasible_gives_up_the_fewest_then_least_cpu() -> None:
+    # The same kind of input with 10 queued requests at 200 ms left (180 after safety), one arrival at 270,
+    # max 2 cores: l(b, 2000 m) = 25 b + 25. With one batch running, batch k ends at (k + 2) l, so by
+    # t = 180 ms b * floor(180 / l - 1) requests can be done at max CPU (feasibility.excess_jobs):
+    #   b=1 (50 ms): floor(2.6) = 2 -> 2 done, 8 lost;  b=2 (75 ms): 2 * floor(1.4) = 2 -> 8 lost;
+    #   b=3 (100 ms): floor(0.8) = 0 -> all 10 lost;  larger b: all lost.
+    # So 8 are given up whatever we do (the tightest; all equal here). The rest, [180, 180, 270], needs
+    #   b=1: l <= min(180/2, 180/3, 270/4) = 60 -> 100/60 = 1.67 cores;
+    #   b=2: l <= min(180/2, 270/3) = 90 -> 150/90 = 1.67 cores;  b=3: 2 l <= 180 -> 200/90 > 2 cores.
+    # -> 1700 m, and the largest batch that fits there, b=2. The previous rule spent 2000 m on it.
+    opt = SpongeOptimizer(TOY, max_cpu_m=2000, step_m=50, max_batch=8, **EXACT)
+    d = opt.decide(obs(0.0, queue=(200.0,) * 10, current=Decision(500, 1)))
+    assert (d.cpu_m, d.batch, d.feasible) == (1700, 2, False)
+    assert "INFEASIBLE: 8 jobs cannot be met" in d.explanation
+    w = backlog_only(opt.workload((300.0,) * 50, (200.0,) * 10, 0.0, 1000.0))
+    assert list(excess_jobs(w, TOY.latency_ms(np.arange(1, 9), 2000.0))) == [8, 8, 10, 10, 10, 10, 10, 10]
+    p = opt.plan((300.0,) * 50, (200.0,) * 10, 0.0, 1000.0)
+    assert p.given_up == 8 and np.allclose(p.workload.deadlines_ms, [180.0, 180.0, 270.0])
+
+
+def test_infeasible_gives_up_a_forecast_before_a_queued_request() -> None:
+    # safety 1 for round numbers. One queued request with 100 ms left and one predicted arrival with a
+    # 120 ms budget; max 2 cores (l(1) = 50, l(2) = 75). b=1 at max CPU: the queued one ends at 2*50 = 100
+    # (met), the arrival at 3*50 = 150 > 120; b=2: both at 2*75 = 150. One must go. Giving up the
+    # tightest (the queued request) would let 1700 m meet the arrival (2 l(1, c) <= 120); but it is the
+    # arrival, a forecast, that is given up: the queued request needs 2 l(1, c) <= 100 -> 2000 m, b=1.
+    opt = SpongeOptimizer(TOY, max_cpu_m=2000, step_m=50, max_batch=8, safety=1.0, **EXACT)
+    p = opt.plan((120.0,) * 10, (100.0,), 0.0, 1000.0)
+    assert (p.cpu_m, p.batch, p.feasible, p.given_up) == (2000, 1, False, 1)
+    assert list(p.workload.deadlines_ms) == [100.0] and list(p.workload.is_backlog) == [True]
+
+
+def test_excess_jobs_is_the_least_number_lost() -> None:
+    # Brute force: unit jobs in EDF order into batch slots ending at (k + 1 + blocking) * l, keeping a job
+    # only if its slot ends by its deadline (greedy EDF with rejection is optimal for unit jobs).
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        d = np.sort(rng.uniform(0, 600, int(rng.integers(1, 30))))
+        n_off = int(rng.integers(0, 3)) if d.size > 3 else 0
+        w = Workload(d, n_off, 0.0, d.size, 0)
+        lat, blocking = rng.uniform(20, 200, 6), float(rng.choice([0.0, 0.5, 1.0]))
+        for b, l in enumerate(lat, start=1):
+            kept = n_off  # written-off jobs still take their places
+            for x in d[n_off:]:
+                if (kept // b + 1 + blocking) * l <= x:
+                    kept += 1
+            assert excess_jobs(w, lat, blocking)[b - 1] == d.size - kept
 
 
 def test_hopeless_requests_are_written_off_not_chased() -> None:
@@ -198,8 +261,19 @@ def test_hopeless_requests_are_written_off_not_chased() -> None:
     assert "1 jobs beyond saving" in d.explanation
 
 
-def test_scale_down_hysteresis_does_not_flap() -> None:
+def test_scale_down_at_once_by_default() -> None:
     # Plans: 1000 m at 10 rps (first test), 750 m at 2 rps (b=1: l <= (270 + 500k)/(k+2) -> 135 at k=0).
+    # The rate estimate is already smoothed and a resize is fast: the allocation follows the plan down.
+    opt = SpongeOptimizer(TOY, max_cpu_m=4000, step_m=50, max_batch=8, **EXACT)
+    current = Decision(1000, 1)
+    cpus = []
+    for t, load in enumerate([10, 2, 10]):
+        current = opt.decide(obs(float(load), current=current, now_ms=1000.0 * t))
+        cpus.append(current.cpu_m)
+    assert cpus == [1000, 750, 1000]
+
+
+def test_scale_down_hysteresis_does_not_flap() -> None:
     # down_window=3: a lower allocation is adopted only after 3 consecutive lower plans; scale-up at once.
     opt = SpongeOptimizer(TOY, max_cpu_m=4000, step_m=50, max_batch=8, down_window=3, **EXACT)
     loads = [10, 10, 10, 2, 10, 10, 2, 2, 2, 10]
@@ -222,20 +296,73 @@ def test_plan_is_minimal_and_agrees_with_the_reference_check() -> None:
     rng = np.random.default_rng(7)
     model = LatencyModel(g=18.16, d=4.73, e=46.2, h=0.71)
     opt = SpongeOptimizer(model, max_cpu_m=8000, step_m=50, max_batch=16)
-    for _ in range(40):
+    n_infeasible = 0
+    for _ in range(60):
         budgets = tuple(rng.uniform(150, 1000, 200))
-        queue = tuple(np.sort(rng.uniform(50, 800, int(rng.integers(0, 40)))))
-        load = float(rng.uniform(0, 80))
+        queue = tuple(np.sort(rng.uniform(50, 800, int(rng.integers(0, 60)))))
+        load = float(rng.uniform(0, 120))
         p = opt.plan(budgets, queue, load, 1000.0)
-        w = p.workload
+        w = p.workload  # infeasible: what is left after giving up p.given_up jobs
         if not p.feasible:
-            assert p.cpu_m == 8000
-            assert not any(check(model, b, 8000, w).feasible for b in range(1, 17))
-            continue
+            n_infeasible += 1
+            full = opt.workload(budgets, queue, load, 1000.0)
+            assert not any(check(model, b, 8000, full).feasible for b in range(1, 17))
+            assert p.given_up > 0 or w.load_rps < load
         assert check(model, p.batch, p.cpu_m, w).feasible
         assert check(model, p.batch, p.cpu_m, w).worst_slack_ms == pytest.approx(p.worst_slack_ms)
         if p.cpu_m - 50 >= opt.min_cpu_m:
             assert not any(check(model, b, p.cpu_m - 50, w).feasible for b in range(1, 17))
+    assert 0 < n_infeasible < 60
+
+
+def test_poisson_envelope_is_the_gamma_quantile() -> None:
+    # The (i+1)-th event of a Poisson stream has come by mean count x with probability P(Gamma(i+1) <= x):
+    # job 0 at 1 - exp(-x) = eps, job 1 at 1 - exp(-x)(1 + x) = eps, ...; as many jobs as the upper
+    # (1 - eps)-quantile of the count.
+    from scipy.stats import poisson
+
+    eps = 0.01
+    x = poisson_envelope(20.0, eps)
+    assert x[0] == pytest.approx(-math.log(1 - eps))
+    assert 1 - math.exp(-x[1]) * (1 + x[1]) == pytest.approx(eps)
+    assert x.size == int(poisson.ppf(1 - eps, 20.0))  # P(N >= k) >= eps for k <= size
+    assert poisson.sf(x.size - 1, 20.0) >= eps > poisson.sf(x.size, 20.0)
+    assert poisson_envelope(0.0, eps).size == 0 and poisson_envelope(5000.0, eps).size > 5000
+
+
+def test_sponge_arrivals_are_a_poisson_envelope() -> None:
+    # One budget (300 -> 270 ms), 10 rps: n(L) = 0.01 (L - 270) arrivals by deadline L. The envelope's job
+    # i has deadline 270 + 100 x_i with x_i the gamma quantile at eps' = 0.005 / (1 + 1000/270) (the
+    # interval holds 1 + T/budget windows), on the 1/40-decade grid. The horizon is 1270 ms, a mean count
+    # of 10: as many jobs as the upper eps'-quantile of Poisson(10).
+    opt = SpongeOptimizer(TOY, max_cpu_m=4000, step_m=50, max_batch=8)
+    eps = opt.envelope_eps(1000.0, opt.profile((300.0,) * 50))
+    assert eps == pytest.approx(0.005 / (1 + 1000 / 270), rel=0.03)
+    w = opt.workload((300.0,) * 50, (), 10.0, 1000.0)
+    assert np.allclose(w.deadlines_ms, 270.0 + 100.0 * poisson_envelope(10.0, eps))
+    assert w.n_jobs > 11 and w.deadlines_ms[5] < 270.0 + 100.0 * 5  # more and earlier than the mean
+
+
+def test_sponge_rate_is_a_ten_interval_mean_unless_it_rose() -> None:
+    opt = SpongeOptimizer(TOY, max_cpu_m=4000)
+
+    def predicted(history: tuple[float, ...]) -> float:
+        return opt.predicted_load(replace(obs(history[-1]), rate_history_rps=history))
+
+    assert predicted((9.0, 1.0, 2.0, 4.0, 6.0, 8.0, 2.0, 5.0, 3.0, 4.0, 5.0)) == pytest.approx(4.0)  # last 10
+    # nine 4s then 9: mean 4.5; one interval: 9 <= 4.5 + 2.5 sqrt(4.5) = 9.8 -> noise
+    assert predicted((4.0,) * 9 + (9.0,)) == pytest.approx(4.5)
+    # ... then 10: mean 4.6, 10 > 4.6 + 2.5 sqrt(4.6) = 9.96 -> the rate rose to 10
+    assert predicted((4.0,) * 9 + (10.0,)) == 10.0
+    # a rise over three intervals is tested on their mean, with a third of the variance:
+    #   seven 4s, three 7s: mean 4.9; 7 <= 4.9 + 2.5 sqrt(4.9 / 3) = 8.1 (and 7 <= 4.9 + 2.5 sqrt(4.9 / 2),
+    #   7 <= 4.9 + 2.5 sqrt(4.9)) -> noise;
+    #   seven 4s, three 9s: mean 5.5; 9 > 5.5 + 2.5 sqrt(5.5 / 3) = 8.9, though 9 <= 5.5 + 2.5 sqrt(5.5) and
+    #   9 <= 5.5 + 2.5 sqrt(5.5 / 2): only the three together show the rise -> 9
+    assert predicted((4.0,) * 7 + (7.0,) * 3) == pytest.approx(4.9)
+    assert predicted((4.0,) * 7 + (9.0,) * 3) == 9.0
+    assert SpongeOptimizer(TOY, jump_z=0).predicted_load(replace(obs(10.0), rate_history_rps=(4.0,) * 9 + (40.0,))) \
+        == pytest.approx(7.6)
 
 
 def test_closed_form_and_table_search_agree() -> None:
@@ -269,7 +396,7 @@ G_ONLY = LatencyModel(g=100.0, d=0.0, e=0.0, h=0.0)  # l(1, c) = 100/c ms, h = 1
 
 
 def joint(**kw) -> JointOptimizer:
-    params = dict(max_cpu_m=2000, step_m=100, max_batch=1, max_replicas=16, **EXACT)
+    params = dict(max_cpu_m=2000, step_m=100, max_batch=1, max_replicas=16, headroom=0.0, burst_z=0.0)
     params.update(kw)
     return JointOptimizer(G_ONLY, **params)
 

@@ -15,7 +15,7 @@ from sponge.policy.feasibility import (
 )
 from sponge.policy.joint import JointOptimizer
 from sponge.policy.paper import PaperOptimizer
-from sponge.policy.predictors import EWMA, MaxWindow, Predictor, Reactive, make_predictor
+from sponge.policy.predictors import EWMA, MaxWindow, Predictor, Reactive, WindowMean, make_predictor
 from sponge.policy.registry import POLICY_NAMES, make_policy
 from sponge.policy.sponge_opt import SpongeOptimizer
 from sponge.policy.types import Decision, Observation, Policy
@@ -38,6 +38,7 @@ __all__ = [
     "SpongeOptimizer",
     "StaticPolicy",
     "VPALikePolicy",
+    "WindowMean",
     "Workload",
     "build_workload",
     "check",

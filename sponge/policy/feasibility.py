@@ -8,10 +8,16 @@ The rule ("EDF batch rule"), for one replica serving batches of at most `b` at `
      budget distribution F (the recent `budgets_ms` samples). A request arriving at time u with budget x
      has deadline u + x, so the number of arrivals with deadline <= L is
          n(L) = load * integral_0^L F(x) dx = load * mean(max(0, L - budget_i)),
-     and the i-th arrival in EDF order has deadline n^-1(i). Tight budgets come first and rare tight
-     requests are spread out in time; loose requests can wait behind them. With a burst allowance z the
-     count is inflated to n + z*sqrt(n) (z standard deviations of a Poisson count), pulling deadlines
-     earlier. Every deadline is multiplied by `safety` (0.9, the paper's margin for model error).
+     and the i-th arrival in EDF order has deadline n^-1(i) on average. Tight budgets come first and rare
+     tight requests are spread out in time; loose requests can wait behind them. Arrivals are random:
+     - exact Poisson envelope (`eps`, what SpongeOptimizer uses): for a Poisson stream the arrivals with
+       deadline <= L are Poisson(n(L)), so the (i+1)-th deadline has passed by L with probability
+       P(Gamma(i+1) <= n(L)). Job i is placed at the deadline it beats with probability eps only,
+       n^-1(gammaincinv(i+1, eps)) (poisson_envelope), and there are as many jobs as the upper
+       (1 - eps)-quantile of the count: a burst as early and as large as happens with probability eps;
+     - Gaussian allowance (`burst_z`, the earlier rule, still used by JointOptimizer): the count is
+       inflated to n + z*sqrt(n), and there is always one job at the tightest budget.
+     Every deadline is multiplied by `safety` (0.9, the paper's margin for model error).
      Arrivals are generated up to one interval plus the largest budget: every arrival of the next
      interval (later ones are the next decision's business).
 2. Batches. EDF serves job j in batch floor(j/b); batch k finishes at (k + 1 + blocking) * l(b, c): one
@@ -27,6 +33,12 @@ The rule ("EDF batch rule"), for one replica serving batches of at most `b` at `
    be met even if served next, alone, at full speed) can be saved by no configuration; it still occupies
    its place in the EDF order (its work is counted) but imposes no constraint. This matches the queue's
    policy for hopeless requests and stops one lost request from pinning the allocation at its maximum.
+5. Giving up (excess_jobs, give_up). When even max CPU cannot meet every job, the fewest jobs to give up
+   so that it meets the rest has a closed form (unit jobs in batch slots with deadlines form a matroid):
+   with S(t) = b * max(0, floor(t / l - blocking)) places done by t, of which the n_off written-off jobs
+   take the first, D_b = max_i (i + 1 - max(n_off, S(d[i]))), and giving up the D_b tightest constrained
+   jobs is one such set. `is_backlog` tells queued requests from predicted arrivals, so a caller can
+   give up forecast jobs before real ones.
 
 With one budget value and all load arriving at once (no spreading, blocking 0) this is exactly the
 paper's rule `k*l + l <= 0.9*budget_min`; the differences are the budget distribution, arrivals spread
@@ -54,6 +66,8 @@ class Workload:
     load_rps: float  # rate the configuration must sustain (already including any headroom)
     n_backlog: int
     n_arrivals: int
+    # which deadlines are queued requests (True) rather than predicted arrivals; None: not recorded
+    is_backlog: np.ndarray | None = None
 
     @property
     def n_jobs(self) -> int:
@@ -96,32 +110,73 @@ class BudgetProfile:
     def size(self) -> int:
         return int(self.sorted_ms.size)
 
-    def arrival_deadlines(self, load_rps: float, *, horizon_ms: float, burst_z: float = 0.0) -> np.ndarray:
+    def arrival_deadlines(
+        self, load_rps: float, *, horizon_ms: float, burst_z: float = 0.0, eps: float | None = None
+    ) -> np.ndarray:
         """EDF-ordered deadlines (ms from now) of a stream at `load_rps` with budgets drawn from this
-        profile, up to `horizon_ms`; always at least one (a request with the tightest budget may arrive
-        at any time, even at zero predicted load)."""
+        profile, up to `horizon_ms`.
+
+        eps None (Gaussian allowance): job i at mean count x with x + burst_z*sqrt(x) = i, and always at
+        least one job (a request with the tightest budget may arrive at any time, even at zero load).
+        eps given (exact Poisson envelope): job i at its early eps-quantile (poisson_envelope); none at
+        zero load."""
         s = self.sorted_ms
         if not s.size:
             return np.empty(0)
         rate = max(load_rps, 0.0) / 1000.0  # per ms
         if rate == 0.0:
-            return s[:1].copy()
+            return s[:0].copy() if eps is not None else s[:1].copy()
         n_knots = rate * self.unit_counts  # n(L) at L = s_k; n(L) grows with slope rate * F(L)
         n_last = float(n_knots[-1])
         n_h = n_last + rate * max(horizon_ms - s[-1], 0.0)
-        n_jobs = int(math.floor(n_h + burst_z * math.sqrt(n_h))) + 1
-        i = np.arange(n_jobs, dtype=float)
-        x = ((np.sqrt(burst_z * burst_z + 4.0 * i) - burst_z) / 2.0) ** 2 if burst_z > 0 else i
+        if eps is not None:
+            x = poisson_envelope(n_h, eps)
+        else:
+            n_jobs = int(math.floor(n_h + burst_z * math.sqrt(n_h))) + 1
+            i = np.arange(n_jobs, dtype=float)
+            x = ((np.sqrt(burst_z * burst_z + 4.0 * i) - burst_z) / 2.0) ** 2 if burst_z > 0 else i
         inside = np.interp(x, n_knots, s)
         beyond = s[-1] + (x - n_last) / rate
         return np.where(x <= n_last, inside, beyond)
 
 
+@lru_cache(maxsize=64)
+def _envelope_table(eps: float, size: int) -> np.ndarray:
+    from scipy.special import gammaincinv  # imported on first use: scipy.special takes ~0.2 s to load
+
+    x = np.asarray(gammaincinv(np.arange(1.0, size + 1.0), eps), dtype=float)
+    x.setflags(write=False)
+    return x
+
+
+def poisson_envelope(n_mean: float, eps: float) -> np.ndarray:
+    """Early eps-quantiles of the arrival "times" of a Poisson stream, in units of its mean count.
+
+    The (i+1)-th event of a unit-rate Poisson process occurs at a Gamma(i+1, 1) time, so it has occurred
+    by mean count x with probability P(Gamma(i+1) <= x); x_i = gammaincinv(i+1, eps) is the count by
+    which it has occurred with probability eps only. Returns x_0 < x_1 < ... for every i with
+    x_i <= n_mean: as many jobs as the upper (1 - eps)-quantile of Poisson(n_mean), each as early as it
+    is with probability eps. (Memoised table; doubled on demand.)"""
+    if not 0.0 < eps < 1.0:
+        raise ValueError("eps must be in (0, 1)")
+    size = 64
+    table = _envelope_table(eps, size)
+    while table[-1] <= n_mean:
+        size *= 2
+        table = _envelope_table(eps, size)
+    return table[: int(np.searchsorted(table, n_mean, side="right"))]
+
+
 def arrival_deadlines(
-    budgets_ms: Sequence[float] | np.ndarray, load_rps: float, *, horizon_ms: float, burst_z: float = 0.0
+    budgets_ms: Sequence[float] | np.ndarray,
+    load_rps: float,
+    *,
+    horizon_ms: float,
+    burst_z: float = 0.0,
+    eps: float | None = None,
 ) -> np.ndarray:
     """EDF-ordered deadlines of predicted arrivals (see BudgetProfile.arrival_deadlines)."""
-    return BudgetProfile.of(budgets_ms).arrival_deadlines(load_rps, horizon_ms=horizon_ms, burst_z=burst_z)
+    return BudgetProfile.of(budgets_ms).arrival_deadlines(load_rps, horizon_ms=horizon_ms, burst_z=burst_z, eps=eps)
 
 
 def build_workload(
@@ -133,6 +188,7 @@ def build_workload(
     safety: float = 0.9,
     burst_z: float = 0.0,
     floor_ms: float = 0.0,
+    eps: float | None = None,
 ) -> Workload:
     """Backlog plus predicted arrivals as one EDF-ordered deadline list (see the module docstring).
 
@@ -140,14 +196,17 @@ def build_workload(
     """
     profile = BudgetProfile.of(budgets_ms, safety)
     horizon = interval_ms + (float(profile.sorted_ms[-1]) if profile.size else 0.0)
-    arrivals = profile.arrival_deadlines(load_rps, horizon_ms=horizon, burst_z=burst_z)
+    arrivals = profile.arrival_deadlines(load_rps, horizon_ms=horizon, burst_z=burst_z, eps=eps)
     if len(queue_remaining_ms):
         backlog = np.asarray(queue_remaining_ms, dtype=float) * safety
-        d = np.sort(np.concatenate((backlog, arrivals)))
+        d = np.concatenate((backlog, arrivals))
+        order = np.argsort(d, kind="stable")
+        d, mine = d[order], order < backlog.size
     else:
         backlog, d = arrivals[:0], arrivals  # arrivals are already in ascending order
+        mine = np.zeros(d.size, dtype=bool)
     n_off = int(np.searchsorted(d, max(floor_ms, 1e-9), side="left"))
-    return Workload(d, n_off, float(load_rps), int(backlog.size), int(arrivals.size))
+    return Workload(d, n_off, float(load_rps), int(backlog.size), int(arrivals.size), mine)
 
 
 @lru_cache(maxsize=256)
@@ -271,3 +330,52 @@ def check(model: LatencyModel, batch: int, cpu_m: float, w: Workload, blocking: 
     thr = model.throughput_rps(batch, cpu_m)
     ok = slack >= 0.0 and thr >= w.load_rps * (1.0 - 1e-12)
     return Check(ok, slack, thr, w.load_rps)
+
+
+def excess_jobs(w: Workload, batch_latency_ms: np.ndarray, blocking: float = 1.0) -> np.ndarray:
+    """Per batch size b = 1..len(batch_latency_ms): the fewest constrained jobs that must be given up so
+    that every other one meets its deadline at batch latency l_b (the workload's load is not checked).
+
+    Batch k finishes at (k + 1 + blocking) * l_b, so S(t) = b * max(0, floor(t / l_b - blocking)) jobs can
+    be done by t. The n_off written-off jobs take the first places (their work counts); jobs 0..i (EDF
+    order) then need i + 1 places by d[i], hence at least i + 1 - max(n_off, S(d[i])) of the constrained
+    ones among them are lost, and giving up that many of the tightest achieves it for every i at once:
+    D_b = max(0, max_i (i + 1 - max(n_off, S(d[i])))), and the EDF-first D_b constrained jobs are a set
+    to give up. (Unit jobs in slots with deadlines form a matroid: greedy EDF with rejection keeps the
+    most, and this is its count.)"""
+    lat = np.asarray(batch_latency_ms, dtype=float)
+    d = w.deadlines_ms[w.n_written_off :]
+    if not d.size:
+        return np.zeros(lat.size, dtype=np.int64)
+    b = np.arange(1, lat.size + 1)[:, None]
+    places = b * np.maximum(0.0, np.floor(d[None, :] / lat[:, None] - blocking))
+    places = np.maximum(places, w.n_written_off)  # written-off jobs take the first places, whenever they end
+    need = np.arange(w.n_written_off + 1, w.n_jobs + 1)[None, :]
+    return np.maximum(0, (need - places).max(axis=1)).astype(np.int64)
+
+
+def give_up(w: Workload, n: int, load_rps: float | None = None, *, backlog: bool | None = None) -> Workload:
+    """The workload without its `n` tightest constrained jobs (they leave the EDF order and the work:
+    the queue answers a request at its head that can no longer make it, without serving it), and
+    optionally at another load. backlog True / False: only among queued requests / predicted arrivals."""
+    if n <= 0 and load_rps is None:
+        return w
+    idx = np.arange(w.n_written_off, w.n_jobs)
+    if backlog is not None:
+        if w.is_backlog is None:
+            raise ValueError("this workload does not record which jobs are queued")
+        idx = idx[w.is_backlog[idx] == backlog]
+    keep = np.ones(w.n_jobs, dtype=bool)
+    keep[idx[: max(n, 0)]] = False
+    mine = None if w.is_backlog is None else w.is_backlog[keep]
+    return Workload(w.deadlines_ms[keep], w.n_written_off, float(w.load_rps if load_rps is None else load_rps),
+                    w.n_backlog, w.n_arrivals, mine)
+
+
+def backlog_only(w: Workload) -> Workload:
+    """The queued requests of a workload (and every written-off job, whose work still counts)."""
+    if w.is_backlog is None:
+        raise ValueError("this workload does not record which jobs are queued")
+    keep = w.is_backlog.copy()
+    keep[: w.n_written_off] = True
+    return Workload(w.deadlines_ms[keep], w.n_written_off, 0.0, w.n_backlog, 0, w.is_backlog[keep])

@@ -87,6 +87,11 @@ class JointOptimizer:
             batch_rule=batch_rule,
             predictor=predictor,
             predictor_params=predictor_params,
+            # the per-replica plan keeps SpongeOptimizer's previous rule, consistent with the replica count
+            # (arrival_bounds_for_loads uses the Gaussian allowance burst_z)
+            arrival_eps=None,
+            infeasible="max",
+            jump_z=None,
         )
         self.model = model
         self.min_replicas, self.max_replicas = min_replicas, max_replicas

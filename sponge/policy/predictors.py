@@ -46,6 +46,24 @@ class MaxWindow:
 
 
 @dataclass(frozen=True)
+class WindowMean:
+    """The mean of the last `n` intervals: the best estimate of a steady Poisson rate from n counts (its
+    variance is rate / (n * interval), n times less than one interval's), at a lag of (n - 1) / 2
+    intervals on a ramp. SpongeOptimizer's default, with n = 10 (and its own test for a rising rate)."""
+
+    n: int = 10
+    name: str = "mean"
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError("WindowMean.n must be >= 1")
+
+    def predict(self, history: Sequence[float]) -> float:
+        recent = history[-self.n :]
+        return float(sum(recent)) / len(recent) if len(recent) else 0.0
+
+
+@dataclass(frozen=True)
 class EWMA:
     """Exponentially weighted mean over the whole history, recomputed from it (so it stays stateless).
 
@@ -71,12 +89,13 @@ class EWMA:
 PREDICTORS: dict[str, Callable[..., Predictor]] = {
     "reactive": Reactive,
     "max": MaxWindow,
+    "mean": WindowMean,
     "ewma": EWMA,
 }
 
 
 def make_predictor(spec: "str | Predictor", **params: float) -> Predictor:
-    """A predictor by registry name (`reactive`, `max`, `ewma`) with its parameters, or pass one through."""
+    """A predictor by registry name (`reactive`, `max`, `mean`, `ewma`) with its parameters, or pass one through."""
     if not isinstance(spec, str):
         return spec
     try:
