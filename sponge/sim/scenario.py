@@ -73,18 +73,6 @@ def _columns(scenario: Scenario, trace: RateTrace) -> RequestSet:
                                    f"{trace.description}; {scenario.summary()}")
 
 
-# Kept only for bench/policy_tuning.py (being written elsewhere); delete once it builds Scenarios.
-def build_trace(window: str, *, damping: float | None = None, scale: float | None = None,
-                peak_rps: float | None = None) -> RateTrace:
-    """Deprecated: `Scenario(trace=f"twitter:{window}", ...).rate_trace()`."""
-    return Scenario(trace=f"twitter:{window}", damping=damping, scale=scale, peak_rps=peak_rps).rate_trace()
-
-
-def build_requests(trace: RateTrace, *, slo_ms: float = 1000.0, seed: int = 0) -> RequestSet:
-    """Deprecated: `request_set(Scenario(...))`; the default scenario's plan over `trace`."""
-    return _columns(Scenario(slo_ms=slo_ms, seed=seed), trace)
-
-
 # ---- deployment and policies -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Deployment:
