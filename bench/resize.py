@@ -7,13 +7,15 @@ real actuator. The allocation is stepped up and down between pairs of values (50
 
 What "in effect" means. CFS grants a cgroup `quota` of CPU time per 100 ms period: a 500 m replica
 runs at full speed for 50 ms, then is throttled for the rest of the period, so the usage rate over a
-window shorter than a period says little. Over a window of exactly one period, though, a saturated
-cgroup uses exactly its quota whatever the phase of the window. So for a step applied at time A:
+window shorter than a period says little. Over a window of whole periods, though, a saturated
+cgroup uses exactly its quota whatever the phase of the window. Windows are whole periods and at
+least 100 ms (with `sponge serve`'s 10 ms period: ten periods), so that sampling error stays small.
+So for a step applied at time A:
 
 - `ref` = what the replica can use at the new allocation: min(new target, its demand), where the
   demand is its usage rate over the settled tail of the step [A + hold - 500 ms, A + hold]
   (a 2-thread ONNX Runtime does not use all of 2000 m; 1 thread never uses more than 1000 m).
-- **in effect** = the smallest delta (in 5 ms steps) such that the rate over the one-period window
+- **in effect** = the smallest delta (in 5 ms steps) such that the rate over the window
   [A + delta, A + delta + 100 ms] is within +-10 % of `ref`.
 - **settled** (stricter) = the smallest delta such that EVERY one-period window starting in
   [delta, delta + 100 ms] (5 ms steps) is within +-10 % of `ref` or one CFS bandwidth slice (5 ms of
@@ -54,6 +56,8 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
+from sponge.config import ServerConfig
 
 from sponge.perf.profiler import HostLoad, open_actuator, random_inputs
 from sponge.runtime.replica import Replica
@@ -147,7 +151,9 @@ def analyse(step: Step, t: np.ndarray, u: np.ndarray, results: list[tuple[int, i
     a = step.apply_ns
     ms = 1_000_000
     hold = step.hold_ms
-    period = step.period_ms  # windows of one CFS period (the usage of a saturated cgroup is exact there)
+    # Windows of a whole number of CFS periods (the usage of a saturated cgroup is exact there), at least
+    # 100 ms so that the ~2 ms usage sampling stays a small error (a 10 ms window of 250 m is 2.5 ms of CPU).
+    period = step.period_ms * max(1, math.ceil(100.0 / step.period_ms))
     step.old_rate = rate(t, u, a - period * ms, a)
     step.demand = rate(t, u, a + (hold - TAIL_MS) * ms, a + hold * ms)
     target = step.new_m / 1000.0
@@ -307,7 +313,7 @@ async def run(args: argparse.Namespace) -> dict:
 def report(res: dict, verbose: bool) -> None:
     s = res["summary"]
     print(f"model {res['model']}, batch {res['batch']} back to back, each step held {res['hold_ms']:.0f} ms; "
-          f"CFS period {res['cfs_period_ms']:g} ms (rate windows of one period); "
+          f"CFS period {res['cfs_period_ms']:g} ms (rate windows of whole periods, >= 100 ms); "
           f"usage sampled every {res['sample_interval_ms']['median']:.1f} ms "
           f"(p99 {res['sample_interval_ms']['p99']:.1f})")
     if verbose:
@@ -350,8 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--pairs", default="500:1500,250:1000,1000:2000,250:2000")
     ap.add_argument("--actuator", default="auto", choices=["auto", "cgroup-v2", "cgroup-v1", "affinity"])
-    ap.add_argument("--period-us", dest="period_us", type=int, default=None,
-                    help="CFS period of the replica's cgroup (default: the actuator's, 100 ms; windows follow it)")
+    ap.add_argument("--period-us", dest="period_us", type=int, default=ServerConfig().cfs_period_us,
+                    help="CFS period of the replica's cgroup (default: what `sponge serve` uses; windows follow it)")
     ap.add_argument("--no-guarantee", dest="guaranteed", action="store_false",
                     help="do not place the replica under the high-CPU-weight parent (see sponge.perf.profiler)")
     ap.add_argument("--verbose", "-v", action="store_true", help="one line per step")
