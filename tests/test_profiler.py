@@ -63,6 +63,7 @@ DEMO_BATCH = 8
 # instead of 82 ms for b=16 at 2000 m). The 15 % limit is what bench/profile.py checks on the full grid
 # with up to 40 samples per cell; this test checks the pipeline (measure, fit, save, load) with 35 %.
 SMALL_MAX_P95 = 0.35
+SMALL_MIN_R2 = 0.85
 
 
 # -- pure pieces --------------------------------------------------------------------------------------
@@ -197,12 +198,11 @@ def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def small_run(model_file: Path):
-    # Measured as `sponge serve` measures (its CFS period): at the kernel's 100 ms period a batch either
-    # fits a period's quota or waits for the next one, and a 6-cell p99 fit is then a coin toss.
-    from sponge.config import ServerConfig
-
+    # Measured as `sponge serve` measures (its CFS period). A p99 of 4-15 batches is about the cell's
+    # maximum, and a fit of 6 such maxima missed R² >= 0.95 one CI run in three (0.89-0.93): this small
+    # grid is accepted at R² >= SMALL_MIN_R2; real profiles keep serve's 0.95.
     return run_profile(model_file, BATCHES, CPUS, warmup=1, reps=15, min_reps=4, cell_seconds=0.4, progress=False,
-                       retries=1, retry_budget_s=5.0, max_p95_rel_err=SMALL_MAX_P95,
+                       retries=1, retry_budget_s=5.0, max_p95_rel_err=SMALL_MAX_P95, min_r2=SMALL_MIN_R2,
                        period_us=ServerConfig().cfs_period_us)
 
 
@@ -222,8 +222,8 @@ def test_small_real_profile_is_saved_and_accepted(small_run, model_file: Path) -
     assert by[(16, 1000)] > by[(4, 1000)] * 3, sorted(by.items())
     assert run.profile_path == model_file.with_name(model_file.name + ".profile.json"), run.problems
     assert run.png_path is not None and run.png_path.stat().st_size > 10_000
-    # the store's own acceptance checks (R² >= 0.95 as usual; the p95 limit of this small grid, see above)
-    prof = load_profile(run.profile_path, model_file, max_p95_rel_err=SMALL_MAX_P95)
+    # the store's own acceptance checks (with this small grid's limits, see small_run)
+    prof = load_profile(run.profile_path, model_file, max_p95_rel_err=SMALL_MAX_P95, min_r2=SMALL_MIN_R2)
     assert prof.model == run.profile.model and len(prof.grid) == 6
     assert prof.statistic == "p99_ms"
     assert prof.machine["profiled_with"]["cfs_period_us"] == ServerConfig().cfs_period_us  # what `sponge serve` uses
