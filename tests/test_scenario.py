@@ -126,3 +126,14 @@ def test_invalid_scenarios_are_refused() -> None:
         Scenario(tx_rule="fast")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="--trace"):
         Scenario(trace="poisson:3").rate_trace()
+
+
+def test_5gophers_rtt_accepts_hyphenated_carriers_and_optional_site():
+    from sponge.workload.network import read_5gophers_rtt
+
+    def samples(spec: str) -> tuple[float, ...]:
+        return Scenario(rtt=spec, duration_s=5).network_model().rtt.samples_ms
+
+    assert sorted(samples("5gophers:T-Mobile-East")) == sorted(read_5gophers_rtt(carrier="T-Mobile", server="East"))
+    assert len(samples("5gophers:Verizon")) == 240  # both sites of one carrier (120 samples each)
+    assert len(samples("5gophers")) == 720

@@ -36,7 +36,7 @@ class Scenario:
     network: Literal["ghent", "none"] = "ghent"  # none: budget = SLO
     tx_rule: TxRule = "sponge"  # transfer-time rule over the bandwidth log (sponge = barazmoon's arithmetic)
     uplink_scale: float = 1.0  # Ghent is a downlink log; < 1 makes uploads slower
-    rtt: str = "none"  # none | 5gophers | 5gophers:<carrier>-<server> (e.g. tmobile-east) | <constant ms>
+    rtt: str = "none"  # none | 5gophers | 5gophers:<carrier>[-<East|West>] | <constant ms>
     clients: int = 8  # each request goes to one client; each client sees the network at its own offset
     client_offsets: Offsets = "random"  # random: decorrelated clients; zero: Sponge's trace time = run time
     image_kib: float = 200.0  # size of the uploaded image, for the network delay
@@ -82,7 +82,9 @@ class Scenario:
             rtt = RttModel()
         elif self.rtt.startswith("5gophers"):
             _, _, who = self.rtt.partition(":")
-            carrier, _, server = who.partition("-")
+            # The server site is the last part ("East"/"West"); carriers may contain hyphens (T-Mobile).
+            head, _, tail = who.rpartition("-")
+            carrier, server = (head, tail) if tail.lower() in ("east", "west") else (who, "")
             rtt = RttModel.from_5gophers(carrier or None, server or None)
         else:
             rtt = RttModel.constant(float(self.rtt))
@@ -145,8 +147,8 @@ def add_scenario_args(p: argparse.ArgumentParser, omit: Collection[str] = ()) ->
              "(bits / bandwidth), exact (walk the samples) (default: %(default)s)")
     add("uplink_scale", "--uplink-scale", type=float, default=d.uplink_scale,
         help="multiply the (downlink) bandwidth for uploads (default: %(default)s)")
-    add("rtt", "--rtt", default=d.rtt, help="base RTT: none, 5gophers[:<carrier>-<server>] (sampled; carrier "
-        "without hyphens, e.g. 5gophers:tmobile-east), or constant ms (default: %(default)s)")
+    add("rtt", "--rtt", default=d.rtt, help="base RTT: none, 5gophers[:<carrier>-<server>] (sampled; e.g. "
+        "5gophers:T-Mobile-East or 5gophers:Verizon), or constant ms (default: %(default)s)")
     add("rtt", "--rtt-ms", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # alias kept from `simulate`
     add("clients", "--clients", type=int, default=d.clients,
         help="clients, each at its own offset into the network trace (default: %(default)s)")
