@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
@@ -66,8 +67,6 @@ class Controller:
     def __init__(self, policy: Policy, view: ServingView, applier: Applier, initial: Decision,
                  interval_ms: float, clock: Callable[[], float], perf_counter: Callable[[], float] | None = None,
                  log_size: int = 3600, on_decision: Callable[[DecisionLogEntry], None] | None = None) -> None:
-        import time
-
         self.policy = policy
         self.view = view
         self.applier = applier

@@ -10,20 +10,13 @@ import numpy as np
 import pytest
 
 from sponge import experiment
+from markers import needs_data
 from sponge.report.results import read_run
 from sponge.sim import cli as sim_cli
 from sponge.sim.scenario import request_set
 from sponge.workload import loadgen
-from sponge.workload.paths import shared_data_dir
 from sponge.workload.scenario import Scenario, scenario_from_args
 
-try:
-    shared_data_dir()
-    HAVE_DATA = True
-except FileNotFoundError:
-    HAVE_DATA = False
-
-needs_data = pytest.mark.skipif(not HAVE_DATA, reason="shared traces not found")
 
 FLAG_SETS = [
     [],  # the defaults of both commands

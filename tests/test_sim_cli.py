@@ -8,17 +8,10 @@ import json
 import pytest
 
 from sponge import experiment
+from markers import needs_data
 from sponge.report.results import read_run
 from sponge.sim import cli as sim_cli
-from sponge.workload.paths import shared_data_dir
 
-try:
-    shared_data_dir()
-    HAVE_DATA = True
-except FileNotFoundError:
-    HAVE_DATA = False
-
-needs_data = pytest.mark.skipif(not HAVE_DATA, reason="shared traces not found")
 
 
 def _run(register, argv: list[str]) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import matplotlib
 
@@ -123,6 +123,16 @@ def _latency_ylim(runs: Mapping[str, RunData]) -> float | None:
     return float(np.percentile(vals, 99.5)) * 1.15  # a few outliers should not flatten the rest
 
 
+def _save(fig: Any, path: str | Path) -> Path:
+    """Lay out, write the PNG (creating its folder) and free the figure."""
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def plot_timelines(runs: Mapping[str, RunData], path: str | Path, title: str | None = None) -> Path:
     """One PNG: a column per run (name -> (requests, timeline)), a row per quantity."""
     if not runs:
@@ -149,12 +159,7 @@ def plot_timelines(runs: Mapping[str, RunData], path: str | Path, title: str | N
         axes[i, 0].yaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
 
 
 def plot_budget_spread(
@@ -185,9 +190,4 @@ def plot_budget_spread(
     ax_c.set_ylim(0, 1)
     ax_h.set_title("budget histogram")
     ax_c.set_title("budget CDF")
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, path)

@@ -195,8 +195,3 @@ class Replica:
                 proc.join(2)
         self._ready.clear()
         self._proc = None
-
-    def kill(self) -> None:
-        """Hard-kill the worker (tests of crash handling)."""
-        if self._proc is not None and self._proc.pid:
-            os.kill(self._proc.pid, 9)
