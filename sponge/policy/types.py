@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from sponge.perf.samples import BatchSample
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -34,6 +36,8 @@ class Observation:
     current: the decision in force.
     cpu_usage_m: measured CPU usage of each replica over the last interval (for usage-based baselines).
     replicas_starting: replicas ordered but not ready yet (cold start in progress).
+    batches: batches served since the previous observation (images, cpu_m, latency): free measurements
+        of l(b, c) from which a policy may learn its latency model online.
     """
 
     now_ms: float
@@ -45,6 +49,7 @@ class Observation:
     current: Decision
     cpu_usage_m: tuple[float, ...] = field(default_factory=tuple)
     replicas_starting: int = 0
+    batches: tuple[BatchSample, ...] = ()
 
 
 class Policy(Protocol):
