@@ -1,0 +1,120 @@
+"""Serve first, learn the latency model while serving (pure: no I/O, no clocks).
+
+A server must not refuse to serve because its latency measurements were noisy: it is always measured
+under noise. `LearningPolicy` wraps a model-driven policy (sponge, paper, joint) and decides in two modes:
+
+- **safe**: until the online latency model is good enough, answer a fixed safe allocation (the full
+  allocation, or the operator's `--cpu-m`), saying why in the decision's explanation;
+- **model**: once the learner reports `ready` (its stated criterion: enough cells over enough CPU levels
+  and batch sizes, held-out error below a bound — see `sponge.perf.online`), build the inner policy from
+  the learned model with the learner's `safety()` as the deadline margin, so the margin grows with the
+  model's measured error. Every `refresh_ms` the inner policy is rebuilt from the current model, so the
+  plan follows drift (a neighbour arrives, the frequency changes). If the model stops being good enough
+  (drift made it inaccurate), fall back to the safe allocation until it is again.
+
+Every served batch is an observation (`Observation.batches`), live and in the simulator alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Protocol, Sequence
+
+from sponge.perf.samples import BatchSample
+from sponge.policy.types import Decision, Observation, Policy
+
+DEFAULT_REFRESH_MS = 10_000.0
+
+
+class LearnerQuality(Protocol):
+    ready: bool
+    reason: str
+
+
+class LatencyLearner(Protocol):
+    """What this policy needs of an online latency learner (sponge.perf.online.OnlineLatencyLearner)."""
+
+    def observe(self, sample: BatchSample) -> None: ...
+
+    def quality(self) -> Any: ...
+
+    def model(self) -> Any: ...
+
+    def safety(self) -> float: ...
+
+
+# (latency model, safety factor in (0, 1]) -> a fresh model-driven policy
+PolicyFactory = Callable[[Any, float], Policy]
+
+
+@dataclass(frozen=True)
+class LearningStatus:
+    """For logs and /metrics: which mode decides, and how good the model is."""
+
+    mode: str  # "safe" or "model"
+    ready: bool
+    reason: str
+    safety: float | None
+    switches: int  # safe -> model transitions so far
+    rebuilds: int  # inner policy rebuilt from a fresher model
+
+
+class LearningPolicy:
+    """Safe allocation until the learned model is good enough, then the inner policy on that model."""
+
+    def __init__(self, name: str, learner: LatencyLearner, make_inner: PolicyFactory, safe: Decision,
+                 refresh_ms: float = DEFAULT_REFRESH_MS) -> None:
+        if refresh_ms <= 0:
+            raise ValueError(f"refresh_ms must be > 0, got {refresh_ms}")
+        self.name = name
+        self.learner = learner
+        self.make_inner = make_inner
+        self.safe = safe
+        self.refresh_ms = refresh_ms
+        self.inner: Policy | None = None
+        self._built_ms = float("-inf")
+        self._safety: float | None = None
+        self._switches = 0
+        self._rebuilds = 0
+        self._last_reason = "no batch observed yet"
+
+    @property
+    def mode(self) -> str:
+        return "safe" if self.inner is None else "model"
+
+    def status(self) -> LearningStatus:
+        q = self.learner.quality()
+        return LearningStatus(self.mode, bool(q.ready), str(q.reason), self._safety, self._switches, self._rebuilds)
+
+    def observe(self, batches: Sequence[BatchSample]) -> None:
+        for s in batches:
+            self.learner.observe(s)
+
+    def _build(self, now_ms: float) -> None:
+        model = self.learner.model()
+        self._safety = float(self.learner.safety())
+        self.inner = self.make_inner(model, self._safety)
+        self._built_ms = now_ms
+
+    def decide(self, obs: Observation) -> Decision:
+        self.observe(obs.batches)
+        q = self.learner.quality()
+        self._last_reason = str(q.reason)
+        if not q.ready or self.learner.model() is None:
+            was_model = self.inner is not None
+            self.inner = None
+            why = "model no longer good enough" if was_model else "learning the latency model"
+            return replace(self.safe, explanation=f"safe allocation ({why}: {q.reason})")
+        if self.inner is None:
+            self._build(obs.now_ms)
+            self._switches += 1
+            switched = f"switched to {self.name} on the learned model ({q.reason}; safety {self._safety:.2f}); "
+        elif obs.now_ms - self._built_ms >= self.refresh_ms:
+            self._build(obs.now_ms)
+            self._rebuilds += 1
+            switched = ""
+        else:
+            switched = ""
+        assert self.inner is not None
+        d = self.inner.decide(obs)
+        return replace(d, explanation=f"{switched}{d.explanation}") if switched else d
