@@ -4,6 +4,11 @@ ONNX Runtime fixes its intra-op thread pool when a session is created (~0.2 s), 
 threads under a CPU quota run several times slower than threads = cores. So the replica keeps one
 session per thread count: sessions are built ahead in the background and `set_threads` switches
 between them without pausing (until the wanted one is ready, the closest ready one serves).
+
+Whichever thread finishes a build (the prebuild loop or a build started by `set_threads`) switches to
+it if it is now the best ready match for the wanted count; the wanted count and the active session
+only change under `_lock`, so a newer `set_threads` can never be undone by an older build finishing.
+`threads` is the count wanted, `active_threads` the count in force.
 """
 
 from __future__ import annotations
@@ -71,6 +76,8 @@ class OnnxRuntime:
         self._lock = threading.Lock()
         self._building: set[int] = set()
         self._threads = min(max(1, threads), self.max_threads)
+        self._active: ort.InferenceSession  # set under _lock, with _active_threads, by _build and set_threads
+        self._active_threads = 0  # none yet: the first build below becomes active
         try:
             first = self._build(self._threads)
         except Exception as exc:  # onnxruntime raises its own exception types
@@ -79,15 +86,28 @@ class OnnxRuntime:
         self.outputs = [_spec(a) for a in first.get_outputs()]
         meta = first.get_modelmeta().custom_metadata_map
         self.labels: list[str] | None = json.loads(meta["labels"]) if "labels" in meta else None
-        self._active = first
         if prebuild:
             threading.Thread(target=self._prebuild_all, daemon=True, name="ort-prebuild").start()
 
     def _build(self, threads: int) -> ort.InferenceSession:
-        sess = ort.InferenceSession(str(self.path), sess_options=_options(threads),
-                                    providers=["CPUExecutionProvider"])
+        """Build the session for `threads` and switch to it if it is now the best match for the wanted count.
+
+        Whoever started the build (prebuild or set_threads), a session that becomes ready while it is
+        wanted must take effect, or the replica keeps running with a wrong count.
+        """
+        try:
+            sess = ort.InferenceSession(str(self.path), sess_options=_options(threads),
+                                        providers=["CPUExecutionProvider"])
+        except BaseException:
+            with self._lock:
+                self._building.discard(threads)  # a later set_threads may try again
+            raise
         with self._lock:
             self._sessions[threads] = sess
+            self._building.discard(threads)
+            if not self._active_threads or _closeness(threads, self._threads) < _closeness(
+                    self._active_threads, self._threads):
+                self._active, self._active_threads = sess, threads
         return sess
 
     def _prebuild_all(self) -> None:
@@ -100,7 +120,13 @@ class OnnxRuntime:
 
     @property
     def threads(self) -> int:
+        """The thread count wanted (last `set_threads`); see `active_threads` for the one in force."""
         return self._threads
+
+    @property
+    def active_threads(self) -> int:
+        """The thread count of the session `infer` runs now (differs from `threads` while it builds)."""
+        return self._active_threads
 
     @property
     def ready_thread_counts(self) -> list[int]:
@@ -108,26 +134,24 @@ class OnnxRuntime:
             return sorted(self._sessions)
 
     def set_threads(self, n: int) -> None:
+        """Want `n` threads: switch now if its session is ready, else serve with the closest and build it."""
         n = min(max(1, n), self.max_threads)
-        self._threads = n
         with self._lock:
-            sess = self._sessions.get(n)
-            if sess is None:
-                # Serve with the closest ready count (fewer threads first) while the right one builds.
-                ready = sorted(self._sessions, key=lambda k: (abs(k - n), k))
-                self._active = self._sessions[ready[0]]
-                if n not in self._building:
-                    self._building.add(n)
-                    threading.Thread(target=self._build_and_switch, args=(n,), daemon=True).start()
-                return
-        self._active = sess
-
-    def _build_and_switch(self, n: int) -> None:
-        sess = self._build(n)
-        if self._threads == n:
-            self._active = sess
+            self._threads = n
+            # The closest ready count (fewer threads first) serves while the right one builds.
+            best = min(self._sessions, key=lambda k: _closeness(k, n))
+            self._active, self._active_threads = self._sessions[best], best
+            if best == n or n in self._building:
+                return  # ready, or its build (prebuild or an earlier call) switches to it when done
+            self._building.add(n)
+        threading.Thread(target=self._build, args=(n,), daemon=True, name=f"ort-build-{n}").start()
 
     def infer(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        sess = self._active
+        sess = self._active  # one read: a concurrent switch affects the next batch, not this one
         results = sess.run(None, batch)
         return {spec.name: arr for spec, arr in zip(self.outputs, results)}
+
+
+def _closeness(have: int, want: int) -> tuple[int, int]:
+    """Sort key of a ready thread count for a wanted one: nearest first, fewer threads on a tie."""
+    return (abs(have - want), have)

@@ -58,7 +58,7 @@ def worker_main(conn: Connection, model_path: str, threads: int, max_threads: in
                     conn.send(("error", batch_id, f"{type(exc).__name__}: {exc}"))
                     continue
                 infer_ms = (time.perf_counter() - t0) * 1000.0
-                conn.send(("result", batch_id, outputs, infer_ms, runtime.threads))
+                conn.send(("result", batch_id, outputs, infer_ms, runtime.active_threads))
             elif kind == "threads":
                 runtime.set_threads(int(msg[1]))
             elif kind == "stop":

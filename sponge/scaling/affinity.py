@@ -5,6 +5,10 @@ This actuator can only grant whole CPUs: `apply(cpu_m)` pins the replica to ceil
 so 250 m and 1000 m both mean one full core, and 1001 m means two. It also cannot grant more CPUs than
 the process was allowed when attached. Policies that rely on fractional CPU (DESIGN §4) lose their edge
 here; the selection reason says so, and `granularity_m == 1000` lets a policy round its decisions.
+
+Replicas are spread: replica `index` of `replicas` starts its CPUs at an evenly spaced offset of the
+pool (and wraps), so two replicas at 1000 m on two CPUs sit on different CPUs instead of both on the
+first one. A replica has one process: `attach` of a restarted replica's new pid replaces the old one.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 class AffinityActuator:
-    """Pins every thread of a replica to the first ceil(cpu_m/1000) CPUs of its allowed set.
+    """Pins every thread of a replica to ceil(cpu_m/1000) CPUs of its allowed set, from its own offset.
 
     Threads created later inherit the affinity of the thread that creates them, and each `apply`
     re-pins every thread listed in /proc/<pid>/task, so a thread born during a change is caught
@@ -30,44 +34,83 @@ class AffinityActuator:
     kind = "affinity"
     granularity_m = 1000
 
-    def __init__(self, replica_name: str, cpus: list[int] | None = None) -> None:
-        """`cpus`: the pool (in preference order) to pin from; default = the process's own set."""
+    def __init__(self, replica_name: str, cpus: list[int] | None = None, index: int = 0, replicas: int = 1) -> None:
+        """`cpus`: the pool to pin from (default = the attached process's own set); `index` of
+        `replicas`: this replica's place among its siblings, which picks where in the pool it starts."""
+        if replicas < 1 or index < 0:
+            raise ValueError(f"need index >= 0 and replicas >= 1, got index={index}, replicas={replicas}")
         self.replica_name = replica_name
+        self.index = index
+        self.replicas = replicas
         self._pool = list(cpus) if cpus is not None else None
         self._pids: list[int] = []
         self._original: dict[int, set[int]] = {}
+        self._usage_ns: dict[int, int] = {}  # last utime+stime read per attached pid
+        self._retired_ns = 0  # usage of processes no longer attached, so the counter never goes back
         log.warning(
             "affinity actuator for %s: whole-core granularity (cpu_m is rounded UP to whole CPUs)",
             replica_name,
         )
 
     def attach(self, pid: int) -> None:
-        """Remember the process's current affinity (restored on close) and take its CPUs as the pool."""
+        """Take `pid` as the replica's process (replacing an earlier one) and remember its affinity.
+
+        A replica has one process; after a restart the old pid is dead (or, if still alive, no longer
+        ours: its original affinity is restored). The first attach also fixes the pool, if not given.
+        """
         try:
             allowed = os.sched_getaffinity(pid)
         except OSError as e:
             raise ActuatorError(f"affinity: cannot read the CPU affinity of pid {pid}: {e.strerror}") from e
-        self._original[pid] = allowed
+        for old in [p for p in self._pids if p != pid]:
+            self._release(old)
+        self._original.setdefault(pid, allowed)
         if self._pool is None:
             self._pool = sorted(allowed)
         if pid not in self._pids:
             self._pids.append(pid)
+            self._usage_ns[pid] = proc_cpu_ns(pid)
+
+    def _release(self, pid: int) -> None:
+        """Stop managing `pid`: restore its affinity if it lives on, keep its CPU time in the total."""
+        self._pids.remove(pid)
+        self._retired_ns += max(self._usage_ns.pop(pid, 0), proc_cpu_ns(pid))
+        original = self._original.pop(pid, None)
+        if original is not None and pid_alive(pid):
+            try:
+                _pin_all_threads(pid, original)
+            except ActuatorError as e:
+                log.warning("%s", e)
 
     def cpus_for(self, cpu_m: int) -> set[int]:
-        """The CPUs that `cpu_m` maps to: the first ceil(cpu_m/1000) of the pool (at least one)."""
+        """The CPUs that `cpu_m` maps to: ceil(cpu_m/1000) of the pool (at least one), taken in order
+        from this replica's offset `index * len(pool) // replicas` and wrapping around, so replicas
+        whose allocations fit the pool together get disjoint CPUs."""
         if not isinstance(cpu_m, int) or cpu_m <= 0:
             raise ValueError(f"cpu_m must be a positive integer of millicores, got {cpu_m!r}")
         pool = self._pool if self._pool is not None else sorted(os.sched_getaffinity(0))
         n = min(max(1, math.ceil(cpu_m / 1000)), len(pool))
         if n * 1000 < cpu_m:
             log.warning("affinity: %d m asked but only %d CPUs in the pool", cpu_m, len(pool))
-        return set(pool[:n])
+        start = (self.index * len(pool) // self.replicas) % len(pool)
+        return set((pool[start:] + pool[:start])[:n])
 
     def apply(self, cpu_m: int) -> None:
-        """Pin every thread of every attached process to `cpus_for(cpu_m)`."""
+        """Pin every thread of every live attached process to `cpus_for(cpu_m)`; dead ones are dropped.
+
+        A replica whose process died is restarted and re-attached; until then there is nothing to pin,
+        which is not an error (raising here made every resize after a crash fail)."""
         cpus = self.cpus_for(cpu_m)
-        for pid in self._pids:
-            _pin_all_threads(pid, cpus)
+        for pid in list(self._pids):
+            if not pid_alive(pid):
+                self._release(pid)
+                continue
+            try:
+                _pin_all_threads(pid, cpus)
+            except ActuatorError:
+                if pid_alive(pid):
+                    raise
+                self._release(pid)  # it died during the pinning
 
     def current(self) -> int:
         """1000 x the number of CPUs in the union of the attached threads' affinity masks."""
@@ -83,8 +126,11 @@ class AffinityActuator:
         return 1000 * len(union)
 
     def cpu_usage_ns(self) -> int:
-        """utime+stime of the attached processes from /proc, in ns (tick resolution)."""
-        return sum(proc_cpu_ns(p) for p in self._pids)
+        """utime+stime of the attached processes from /proc, in ns (tick resolution); cumulative over
+        restarts (a replaced process counts with its last reading, so the counter never goes back)."""
+        for p in self._pids:
+            self._usage_ns[p] = max(self._usage_ns.get(p, 0), proc_cpu_ns(p))
+        return self._retired_ns + sum(self._usage_ns[p] for p in self._pids)
 
     def close(self) -> None:
         """Restore the affinity each process had when attached (if it is still alive)."""
@@ -96,6 +142,7 @@ class AffinityActuator:
                     log.warning("%s", e)
         self._pids.clear()
         self._original.clear()
+        self._usage_ns.clear()
 
 
 def _pin_all_threads(pid: int, cpus: set[int]) -> None:

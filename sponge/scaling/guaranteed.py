@@ -65,13 +65,13 @@ def guaranteed_roots() -> dict[str, Path]:
 
 
 def open_actuator(replica_name: str, prefer: str = "auto", guaranteed: bool = True,
-                  period_us: int | None = None) -> Any:
+                  period_us: int | None = None, index: int = 0, replicas: int = 1) -> Any:
     """`select_actuator`, under the guaranteed roots when `guaranteed` (stale children removed first).
 
     `period_us` None keeps the actuators' own CFS period (100 ms, the kernel's and Kubernetes'
     default); another value builds the cgroup actuator with that period. A profile is only valid for
     the period it was
-    measured with.
+    measured with. `index` of `replicas` places the replica among its siblings (see `select_actuator`).
     """
     from sponge.scaling.cgroup import cleanup_stale
     from sponge.scaling.procfs import find_mount
@@ -93,7 +93,8 @@ def open_actuator(replica_name: str, prefer: str = "auto", guaranteed: bool = Tr
             cleanup_stale(r)
         except OSError as exc:
             log.debug("stale cgroup cleanup of %s failed: %s", r, exc)
-    sel = select_actuator(replica_name, prefer=prefer, period_us=period_us, **roots)
+    sel = select_actuator(replica_name, prefer=prefer, period_us=period_us, index=index, replicas=replicas,
+                          **roots)
     if roots and sel.actuator.kind.startswith("cgroup"):
         sel = type(sel)(sel.actuator, sel.reason + f"; under {GUARANTEED_ROOT} (high CPU weight: the replica "
                                                    "gets its quota even when other processes compete)")

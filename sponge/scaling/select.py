@@ -43,11 +43,15 @@ def select_actuator(
     *,
     v1_acct_root: Path | str | None | bool = True,
     period_us: int | None = None,
+    index: int = 0,
+    replicas: int = 1,
 ) -> Selection:
     """Probe v2, then v1, then fall back to affinity; `prefer` forces one kind (raising if it fails).
 
     `period_us`: the CFS period of the quota (None = the kernel's and Kubernetes' 100 ms). A shorter
-    period spreads a fractional allocation more evenly in time (see docs/ARCHITECTURE.md)."""
+    period spreads a fractional allocation more evenly in time (see docs/ARCHITECTURE.md).
+    `index` of `replicas`: this replica's place among its siblings, so the affinity fallback pins
+    replicas to different CPUs (cgroup quotas need no such placement)."""
     period = {} if period_us is None else {"period_us": period_us}
     if prefer not in PREFERENCES:
         raise ValueError(f"prefer must be one of {PREFERENCES}, got {prefer!r}")
@@ -72,7 +76,7 @@ def select_actuator(
             if prefer == "cgroup-v1":
                 raise
             failures.append(f"v1 unusable ({e})")
-    aff = AffinityActuator(replica_name)
+    aff = AffinityActuator(replica_name, index=index, replicas=replicas)
     why = "; ".join(
         failures + ["affinity: pinning threads to whole CPUs (WHOLE-CORE granularity, cpu_m rounded up)"]
     )

@@ -55,8 +55,9 @@ def make_actuators(cfg: ServerConfig, names: list[str], cpu_m: int) -> tuple[dic
         return {n: NullActuator(cpu_m) for n in names}, "none: allocations are not enforced (--actuator none)"
     chosen: dict[str, CpuActuator] = {}
     reason = ""
-    for n in names:  # open_actuator also removes stale cgroups of dead earlier runs
-        sel = open_actuator(n, prefer=cfg.actuator, guaranteed=cfg.guaranteed, period_us=cfg.cfs_period_us)
+    for i, n in enumerate(names):  # open_actuator also removes stale cgroups of dead earlier runs
+        sel = open_actuator(n, prefer=cfg.actuator, guaranteed=cfg.guaranteed, period_us=cfg.cfs_period_us,
+                            index=i, replicas=len(names))  # index: affinity spreads replicas over CPUs
         chosen[n], reason = sel.actuator, sel.reason
     return chosen, reason
 
