@@ -31,6 +31,7 @@ from sponge.perf.fit import (
     evaluate,
 )
 from sponge.perf.latency_model import LatencyModel
+from sponge.perf.step_model import StepLatencyModel
 
 SCHEMA_VERSION = 1
 KIND = "sponge.perf.profile"
@@ -103,6 +104,10 @@ class Profile:
     statistic: Statistic = "p99_ms"  # which cell summary was fitted
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     schema_version: int = SCHEMA_VERSION
+    # Sponge's own thread-step model, fitted to the same cells (optional: older profiles have none).
+    step_model: StepLatencyModel | None = None
+    step_fit: FitQuality | None = None
+    step_holdout: FitQuality | None = None
 
     def points(self, include_holdout: bool = True) -> list[ProfilePoint]:
         """The fitted statistic of each cell, as fit/plot input."""
@@ -124,6 +129,11 @@ class Profile:
             "model": self.model.to_dict(),
             "fit": {"method": METHOD, "weighting": self.weighting, **self.fit.to_dict()},
             "holdout": None if self.holdout is None else self.holdout.to_dict(),
+            "step_model": None if self.step_model is None else {
+                **self.step_model.to_dict(),
+                "fit": None if self.step_fit is None else self.step_fit.to_dict(),
+                "holdout": None if self.step_holdout is None else self.step_holdout.to_dict(),
+            },
         }
 
 
@@ -210,6 +220,7 @@ def _parse(raw: dict[str, Any]) -> Profile:
         raise ValueError(f"unknown statistic {statistic!r}")
     if raw["fit"]["weighting"] not in ("relative", "absolute"):
         raise ValueError(f"unknown fit weighting {raw['fit']['weighting']!r}")
+    step = raw.get("step_model")  # absent in profiles written before the step model existed
     return Profile(
         model_file=ModelFileInfo(str(mf["name"]), str(mf["sha256"]), int(mf["size"])),
         machine=dict(raw["machine"]),
@@ -221,6 +232,9 @@ def _parse(raw: dict[str, Any]) -> Profile:
         statistic=statistic,
         created=str(raw["created"]),
         schema_version=int(raw["schema_version"]),
+        step_model=None if step is None else StepLatencyModel.from_dict(step),
+        step_fit=None if step is None or step.get("fit") is None else _quality_from(step["fit"]),
+        step_holdout=None if step is None or step.get("holdout") is None else _quality_from(step["holdout"]),
     )
 
 

@@ -65,6 +65,7 @@ from sponge.perf.fit import (
     holdout_split,
 )
 from sponge.perf.profile_store import GridCell, Profile, Statistic, build_profile, profile_path_for, save_profile
+from sponge.perf.step_model import StepLatencyModel
 
 log = logging.getLogger("sponge.profiler")
 
@@ -403,6 +404,9 @@ class ProfileRun:
     pid: int  # the replica process that was resized in place
     elapsed_s: float
     problems: list[str] = field(default_factory=list)
+    # Sponge's thread-step model on the same cells (reported next to the four-term one; not judged).
+    step_holdout: FitQuality | None = None
+    step_overall: FitQuality | None = None
 
     @property
     def contended_cells(self) -> list[CellStats]:
@@ -434,6 +438,14 @@ class ProfileRun:
             "p95_rel_err_all": self.overall.p95_rel_err,
             "accepted": self.accepted,
             "problems": self.problems,
+            "step_model": None if self.profile.step_model is None else self.profile.step_model.to_dict(),
+            "step_r2_fit": None if self.profile.step_fit is None else self.profile.step_fit.r2,
+            "step_p95_rel_err_fit": None if self.profile.step_fit is None else self.profile.step_fit.p95_rel_err,
+            "step_r2_holdout": None if self.step_holdout is None else self.step_holdout.r2,
+            "step_p95_rel_err_holdout": None if self.step_holdout is None else self.step_holdout.p95_rel_err,
+            "step_max_rel_err_holdout": None if self.step_holdout is None else self.step_holdout.max_rel_err,
+            "step_r2_all": None if self.step_overall is None else self.step_overall.r2,
+            "step_p95_rel_err_all": None if self.step_overall is None else self.step_overall.p95_rel_err,
             "contended_cells": len(self.contended_cells),
             "max_other_cores": round(max((c.ext_cores for c in self.cells), default=0.0), 2),
             "mean_other_cores": round(float(np.mean([c.ext_cores for c in self.cells])) if self.cells else 0.0, 2),
@@ -576,6 +588,15 @@ def _fit_and_store(model_path: Path, cells: list[CellStats], *, conditions: dict
     profile = build_profile(model_path, grid, fit, hq, statistic=statistic)
     # How it was measured belongs with the numbers: a profile holds only under the same conditions.
     profile = replace(profile, machine={**profile.machine, "profiled_with": conditions})
+    # Sponge's thread-step model on the same split, stored and reported beside the four-term one.
+    step_hq = step_all = None
+    try:
+        step = StepLatencyModel.fit(train)
+    except ValueError as exc:
+        log.warning("no thread-step model: %s", exc)
+    else:
+        step_hq, step_all = (evaluate(step, held) if held else None), evaluate(step, points)
+        profile = replace(profile, step_model=step, step_fit=evaluate(step, train), step_holdout=step_hq)
 
     problems: list[str] = []
     for q, what in ((fit, "fit cells"), (hq, "held-back cells"), (overall, "all cells")):
@@ -602,7 +623,8 @@ def _fit_and_store(model_path: Path, cells: list[CellStats], *, conditions: dict
         profile_path.parent.mkdir(parents=True, exist_ok=True)
         saved = save_profile(profile, profile_path if not problems else _rejected_path(profile_path))
     return ProfileRun(profile=profile, cells=cells, fit=fit, holdout=hq, overall=overall, profile_path=saved,
-                      png_path=png_path, actuator=actuator_reason, pid=pid, elapsed_s=0.0, problems=problems)
+                      png_path=png_path, actuator=actuator_reason, pid=pid, elapsed_s=0.0, problems=problems,
+                      step_holdout=step_hq, step_overall=step_all)
 
 
 def _run_sync(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
@@ -722,6 +744,14 @@ def format_fit(run: ProfileRun) -> str:
     o = run.overall
     lines.append(f"  all cells      n={o.n:<3} R²={o.r2:.4f}  |rel err| p95 {o.p95_rel_err:.1%}"
                  f"  max {o.max_rel_err:.1%}")
+    if run.profile.step_model is not None and run.step_overall is not None:
+        groups = ", ".join(f"{g.threads} thread{'s' if g.threads > 1 else ''}: {g.cells} cells"
+                           for g in run.profile.step_model.groups)
+        lines.append(f"thread-step model (four terms per thread count; {groups}), not used to accept:")
+        for q, what in ((run.step_holdout, "held-back cells"), (run.step_overall, "all cells     ")):
+            if q is not None:
+                lines.append(f"  {what} n={q.n:<3} R²={q.r2:.4f}  |rel err| p95 {q.p95_rel_err:.1%}"
+                             f"  max {q.max_rel_err:.1%}")
     lines.append("  ACCEPTED" if run.accepted else "  REJECTED: " + "; ".join(run.problems))
     return "\n".join(lines)
 
