@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sponge.scheduling.batcher import DEFAULT_MAX_WAIT_MS
+
 
 class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -30,7 +32,7 @@ class ServerConfig(BaseModel):
     batch: int = Field(8, ge=1, le=1024, description="batch size (the controller may change it)")
     max_batch: int = Field(32, ge=1, le=1024, description="largest batch the controller may choose")
     max_batch_wait_ms: float = Field(
-        0.0, ge=0, description="longest wait for a fuller batch (slack permitting); 0 = greedy: a free replica takes what is queued"
+        DEFAULT_MAX_WAIT_MS, ge=0, description="longest wait for a fuller batch (slack permitting); 0 = greedy: a free replica takes what is queued"
     )
     replicas: int = Field(1, ge=1, le=64)
     cpu_m: int | None = Field(None, ge=1, description="CPU per replica in millicores (default: all cores)")

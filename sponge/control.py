@@ -2,6 +2,7 @@
 
 I/O lives at the edges: a `ServingView` reads what the server measured, an `Applier` changes it.
 The policy object is the same one the simulator calls; the controller never knows which policy runs.
+The Observation is built by `sponge.observe.ObservationBuilder`, as in the simulator.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
+from sponge.observe import BUDGET_WINDOW_MS, MAX_BUDGETS, RATE_HISTORY, ObservationBuilder
+from sponge.perf.samples import BatchSample
 from sponge.policy.types import Decision, Observation, Policy
 
 log = logging.getLogger("sponge.control")
 
-BUDGET_WINDOW_MS = 10_000.0  # budgets of requests that arrived in the last 10 s describe "recent"
-MAX_BUDGETS = 5_000  # ... but never more than this many (bounded memory, bounded decide() time)
-RATE_HISTORY = 60  # intervals of arrival rate kept for predictors
+__all__ = ["BUDGET_WINDOW_MS", "MAX_BUDGETS", "RATE_HISTORY", "Controller", "DecisionLogEntry", "ServingView"]
 
 
 class ServingView(Protocol):
@@ -27,8 +28,9 @@ class ServingView(Protocol):
 
     def arrivals_total(self) -> int: ...
 
-    def take_budgets(self) -> Sequence[float]:
-        """Budgets (ms) of requests that arrived since the last call."""
+    def take_budgets(self) -> Sequence[tuple[float, float]]:
+        """(arrival ms, budget ms) of requests that arrived since the last call (a bare budget is taken
+        as arriving now)."""
         ...
 
     def queue_remaining_ms(self, now_ms: float) -> Sequence[float]: ...
@@ -36,6 +38,10 @@ class ServingView(Protocol):
     def cpu_usage_ns(self) -> Sequence[int | None]:
         """Cumulative CPU time of each replica (None where it cannot be measured)."""
         ...
+
+    # Optional (a view without them observes no batches, and bills the decision in force):
+    #   take_batches() -> Sequence[BatchSample]: batches served since the last call;
+    #   cpu_allocated_mms(now_ms) -> float: cumulative allocated CPU as applied, all replicas, millicore-ms.
 
 
 class Applier(Protocol):
@@ -56,6 +62,7 @@ class DecisionLogEntry:
     feasible: bool
     explanation: str
     decide_us: float
+    total_cpu_m: int = 0  # allocated CPU as applied (all replicas), time-weighted over the interval ending here
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -76,38 +83,28 @@ class Controller:
         self._perf = perf_counter or time.perf_counter
         self.decisions: deque[DecisionLogEntry] = deque(maxlen=log_size)
         self.on_decision = on_decision
-        self._rates: deque[float] = deque(maxlen=RATE_HISTORY)
-        self._budgets: deque[tuple[float, float]] = deque(maxlen=MAX_BUDGETS)  # (arrival tick ms, budget)
-        self._last_t = clock()
-        self._last_arrivals = view.arrivals_total()
-        self._last_usage = list(view.cpu_usage_ns())
+        now = clock()
+        self.builder = ObservationBuilder(interval_ms, now, view.arrivals_total(), self._usage_mms(),
+                                          self._allocated_mms(now))
+
+    def _usage_mms(self) -> dict[object, float | None]:
+        return {i: None if u is None else u / 1000.0 for i, u in enumerate(self.view.cpu_usage_ns())}
+
+    def _allocated_mms(self, now: float) -> float | None:
+        meter = getattr(self.view, "cpu_allocated_mms", None)
+        return None if meter is None else float(meter(now))
+
+    def _batches(self) -> Sequence[BatchSample]:
+        take = getattr(self.view, "take_batches", None)
+        return () if take is None else take()
 
     def observe(self) -> Observation:
         now = self.clock()
-        elapsed_ms = max(1e-6, now - self._last_t)
-        arrivals = self.view.arrivals_total()
-        rate = (arrivals - self._last_arrivals) * 1000.0 / elapsed_ms
-        self._rates.append(rate)
-        for b in self.view.take_budgets():
-            self._budgets.append((now, b))
-        while self._budgets and self._budgets[0][0] < now - BUDGET_WINDOW_MS:
-            self._budgets.popleft()
-        usage = list(self.view.cpu_usage_ns())
-        cpu_usage_m = tuple(
-            (u - u0) / 1e6 / elapsed_ms * 1000.0 if u is not None and u0 is not None else float("nan")
-            for u, u0 in zip(usage, self._last_usage)
-        )
-        self._last_t, self._last_arrivals, self._last_usage = now, arrivals, usage
-        return Observation(
-            now_ms=now,
-            interval_ms=self.interval_ms,
-            arrival_rate_rps=rate,
-            rate_history_rps=tuple(self._rates),
-            budgets_ms=tuple(b for _, b in self._budgets),
-            queue_remaining_ms=tuple(self.view.queue_remaining_ms(now)),
-            current=self.current,
-            cpu_usage_m=cpu_usage_m,
-        )
+        view = self.view
+        budgets = [b if isinstance(b, tuple) else (now, b) for b in view.take_budgets()]
+        return self.builder.observe(now, view.arrivals_total(), budgets, view.queue_remaining_ms(now),
+                                    self._usage_mms(), self.current, batches=self._batches(),
+                                    allocated_mms=self._allocated_mms(now))
 
     def tick(self) -> DecisionLogEntry:
         obs = self.observe()
@@ -120,7 +117,7 @@ class Controller:
         self.current = decision
         entry = DecisionLogEntry(obs.now_ms, self.policy.name, obs.arrival_rate_rps, len(obs.queue_remaining_ms),
                                  decision.cpu_m, decision.batch, decision.replicas, decision.feasible,
-                                 decision.explanation, decide_us)
+                                 decision.explanation, decide_us, int(round(self.builder.total_cpu_m)))
         self.decisions.append(entry)
         if self.on_decision is not None:
             self.on_decision(entry)
@@ -130,11 +127,24 @@ class Controller:
         return entry
 
     async def run(self) -> None:
-        """Tick every interval until cancelled; a failing tick is logged, never fatal."""
+        """Tick every interval until cancelled; a failing tick is logged, never fatal.
+
+        After a stall (a blocked event loop, a slow tick) the missed ticks are skipped, not fired back to
+        back: the schedule re-anchors on the late tick. No tick comes less than half an interval after the
+        previous observation (a rate over a sliver of time is noise: 0, or a spike)."""
+        half = self.interval_ms / 2.0
         next_t = self.clock() + self.interval_ms
         while True:
             await asyncio.sleep(max(0.0, (next_t - self.clock()) / 1000.0))
+            now = self.clock()
+            if now - self.builder.last_t < half:  # too soon: merge into the next tick
+                next_t = self.builder.last_t + self.interval_ms
+                continue
             next_t += self.interval_ms
+            if next_t <= now:  # slept through whole intervals: skip them
+                log.warning("controller tick %.0f ms late (event loop stalled?): skipping the missed ticks",
+                            now - (next_t - self.interval_ms))
+                next_t = now + self.interval_ms
             try:
                 self.tick()
             except Exception:

@@ -1,12 +1,15 @@
 """Deadline-aware batch formation: what a free replica should do next. Pure (DESIGN §1).
 
-When a replica is free the dispatcher asks `Batcher.next_action(queue, now_ms)`:
-- requests that cannot meet their deadline even if served next are *expired*: with the default
-  policy they are removed and answered at once with a deadline error; with `serve_late` they stay
-  and are served in EDF order (they are at the head anyway);
-- with `b` or more requests queued, the head `b` are dispatched;
-- with fewer, the batcher waits for more only while the head's slack allows (and at most
-  `max_wait_ms`), then dispatches what there is.
+Batch sizes count images (a request's first-axis rows, `Entry.size`), as l(b, c) does; a request is
+never split. When a replica is free the dispatcher asks `Batcher.next_action(queue, now_ms)`:
+- requests that cannot meet their deadline even if served next (alone: l(size)) are *expired*: with the
+  default policy they are removed and answered at once with a deadline error; with `serve_late` they
+  stay and are served in EDF order (they are at the head anyway);
+- when the head requests fill `b` images (or the next one in EDF order does not fit), they are
+  dispatched; a single request larger than `b` is dispatched alone;
+- with fewer images queued, the batcher waits for more only while the head's slack allows (a full
+  batch of `b` images must still finish by its deadline) and at most `max_wait_ms`, then dispatches
+  what there is.
 """
 
 from __future__ import annotations
@@ -19,7 +22,12 @@ from sponge.scheduling.edf import EDFQueue, Entry
 
 T = TypeVar("T")
 
-# Estimated service time (ms) of a batch of the given size on the replica's current allocation.
+# Longest wait for a fuller batch, by default, live (ServerConfig.max_batch_wait_ms) and simulated
+# (SimConfig.max_wait_ms) alike: 0 = greedy (under load the queue fills batches by itself; at low load
+# nobody waits).
+DEFAULT_MAX_WAIT_MS = 0.0
+
+# Estimated service time (ms) of a batch of the given number of images on the replica's current allocation.
 ServiceEstimate = Callable[[int], float]
 
 
@@ -49,14 +57,14 @@ class Action(Generic[T]):
 
 
 class Batcher:
-    """Forms batches of at most `batch_size` from the head of an EDF queue."""
+    """Forms batches of at most `batch_size` images from the head of an EDF queue."""
 
     def __init__(
         self,
         batch_size: int,
         estimate_ms: ServiceEstimate,
         expiry: ExpiryPolicy = ExpiryPolicy.REJECT,
-        max_wait_ms: float = 5.0,
+        max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
     ) -> None:
         self.batch_size = batch_size
         self.estimate_ms = estimate_ms
@@ -78,24 +86,27 @@ class Batcher:
         if self.expiry is ExpiryPolicy.SERVE_LATE:
             return []
         expired: list[Entry[T]] = []
-        single = self.estimate_ms(1)
-        while queue and queue.peek().deadline_ms < now_ms + single:  # type: ignore[union-attr]
+        est = self.estimate_ms
+        while queue:
+            head = queue.peek()
+            assert head is not None
+            if head.deadline_ms >= now_ms + est(head.size):
+                break
             expired.append(queue.pop())
         return expired
 
     def next_action(self, queue: EDFQueue[T], now_ms: float) -> Action[T]:
         expired = self._expire(queue, now_ms)
-        n = len(queue)
-        if n == 0:
+        if not queue:
             return Action(expired, Wait(None))
         b = self.batch_size
-        if n >= b:
-            return Action(expired, Dispatch(queue.pop_many(b)))
+        if queue.images >= b:  # the head fills a batch (or is as full as it can get without a split)
+            return Action(expired, Dispatch(queue.pop_images(b)))
         head = queue.peek()
         assert head is not None
         # Latest start that still lets a full batch finish by the head's deadline, capped by max_wait.
         latest_start = head.deadline_ms - self.estimate_ms(b)
         wait_until = min(latest_start, head.arrival_ms + self.max_wait_ms)
         if wait_until <= now_ms:
-            return Action(expired, Dispatch(queue.pop_many(n)))
+            return Action(expired, Dispatch(queue.pop_images(b)))
         return Action(expired, Wait(wait_until))

@@ -1,7 +1,8 @@
 """Earliest-deadline-first request queue: a bounded binary heap keyed by (deadline, arrival order).
 
 Pure data structure (no clocks, no I/O): times are passed in, in milliseconds on one monotonic clock.
-The live server and the simulator use the same class.
+The live server and the simulator use the same class. Each entry knows its `size` in images (a request's
+first-axis rows, what l(b, c) counts); the queue keeps the total (`images`). Capacity counts requests.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class Entry(Generic[T]):
     seq: int
     arrival_ms: float = field(compare=False)
     payload: T = field(compare=False)
+    size: int = field(default=1, compare=False)  # images (first-axis rows) this request carries
 
 
 class EDFQueue(Generic[T]):
@@ -37,6 +39,7 @@ class EDFQueue(Generic[T]):
         self.capacity = capacity
         self._heap: list[Entry[T]] = []
         self._seq = itertools.count()
+        self.images = 0  # total size of the queued entries
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -48,24 +51,42 @@ class EDFQueue(Generic[T]):
         """Entries in EDF order (a sorted copy; O(n log n), for observation, not the hot path)."""
         return iter(sorted(self._heap))
 
-    def push(self, payload: T, deadline_ms: float, arrival_ms: float) -> Entry[T]:
+    def push(self, payload: T, deadline_ms: float, arrival_ms: float, size: int = 1) -> Entry[T]:
         if len(self._heap) >= self.capacity:
             raise QueueFull(f"queue is full ({self.capacity} requests waiting)")
-        entry = Entry(deadline_ms, next(self._seq), arrival_ms, payload)
+        if size < 1:
+            raise ValueError(f"an entry's size must be >= 1 image, got {size}")
+        entry = Entry(deadline_ms, next(self._seq), arrival_ms, payload, size)
         heapq.heappush(self._heap, entry)
+        self.images += size
         return entry
 
     def peek(self) -> Entry[T] | None:
         return self._heap[0] if self._heap else None
 
     def pop(self) -> Entry[T]:
-        return heapq.heappop(self._heap)
+        entry = heapq.heappop(self._heap)
+        self.images -= entry.size
+        return entry
 
     def pop_many(self, n: int) -> list[Entry[T]]:
         """Up to `n` entries from the head, in EDF order."""
         out = []
         while self._heap and len(out) < n:
-            out.append(heapq.heappop(self._heap))
+            out.append(self.pop())
+        return out
+
+    def pop_images(self, limit: int) -> list[Entry[T]]:
+        """Entries from the head, in EDF order, of at most `limit` images in all; requests are never split
+        and never skipped: it stops at the first that does not fit. The head is always taken (alone if it
+        is larger than `limit`)."""
+        out: list[Entry[T]] = []
+        total = 0
+        heap = self._heap
+        while heap and (not out or total + heap[0].size <= limit):
+            e = self.pop()
+            out.append(e)
+            total += e.size
         return out
 
     def remove(self, entry: Entry[T]) -> bool:
@@ -78,6 +99,7 @@ class EDFQueue(Generic[T]):
         if i < len(self._heap):
             self._heap[i] = last
             heapq.heapify(self._heap)
+        self.images -= entry.size
         return True
 
     def remaining_ms(self, now_ms: float) -> list[float]:

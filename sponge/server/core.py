@@ -12,6 +12,7 @@ from typing import Callable
 
 import numpy as np
 
+from sponge.perf.samples import BatchSample
 from sponge.runtime.replica import Replica, ReplicaDied, ReplicaError
 from sponge.scheduling.batcher import Batcher, Dispatch, ExpiryPolicy
 from sponge.scheduling.edf import EDFQueue, Entry, QueueFull
@@ -20,6 +21,8 @@ from sponge.server.metrics import Metrics
 from sponge.server.slo import Budget
 
 log = logging.getLogger("sponge.core")
+
+MAX_BATCH_SAMPLES = 10_000  # served batches kept for the controller between two looks (bounded)
 
 __all__ = ["ServingCore", "Pending", "Served", "DeadlineExpired", "ServerBusy", "InferenceFailed", "QueueFull"]
 
@@ -43,11 +46,12 @@ class InferenceFailed(Exception):
 @dataclass
 class Served:
     outputs: dict[str, np.ndarray]
-    batch_size: int
+    batch_size: int  # images (first-axis rows) in the batch this request ran in, as l(b, c) counts
     queue_ms: float
     infer_ms: float
     cpu_m: int
     replica: str
+    batch_requests: int = 1  # requests in that batch
 
 
 @dataclass
@@ -74,14 +78,15 @@ class ServingCore:
         self.metrics = metrics
         self.clock = clock
         self.queue: EDFQueue[Pending] = EDFQueue(queue_capacity)
-        self.estimate = OnlineServiceEstimate()
+        self.estimate = OnlineServiceEstimate(cpu_m=cpu_m)
         self.batcher = Batcher(batch, self.estimate, expiry, max_wait_ms)
         self.cpu_m = {r.name: cpu_m for r in replicas}
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self.arrivals = 0  # total admitted + refused, for the controller's rate observation
-        self.recent_budgets: list[float] = []  # budgets of requests since the controller last looked
+        self.recent_budgets: list[tuple[float, float]] = []  # (arrival, budget) ms since the controller looked
+        self.recent_batches: list[BatchSample] = []  # batches served since the controller last looked
         metrics.configured_batch.labels(model_name).set(batch)
 
     # ---- admission -------------------------------------------------------------------------
@@ -89,19 +94,19 @@ class ServingCore:
         """Admit a request or raise DeadlineExpired / ServerBusy. The caller awaits `pending.future`."""
         self.arrivals += 1
         if len(self.recent_budgets) < 100_000:  # bounded even if no controller drains it
-            self.recent_budgets.append(budget.budget_ms)
+            self.recent_budgets.append((arrival_ms, budget.budget_ms))
         now = self.clock()
-        if self.batcher.expiry is ExpiryPolicy.REJECT and budget.deadline_ms < now + self.estimate(1):
+        if self.batcher.expiry is ExpiryPolicy.REJECT and budget.deadline_ms < now + self.estimate(items):
             raise DeadlineExpired(
                 f"budget {budget.budget_ms:.1f} ms (slo {budget.slo_ms:.0f} - network {budget.network_ms:.0f}) "
-                f"cannot be met: one inference takes ~{self.estimate(1):.1f} ms"
+                f"cannot be met: an inference of {items} image(s) takes ~{self.estimate(items):.1f} ms"
             )
         pending = Pending(inputs, items, budget, arrival_ms, asyncio.get_running_loop().create_future())
         try:
-            self.queue.push(pending, budget.deadline_ms, arrival_ms)
+            self.queue.push(pending, budget.deadline_ms, arrival_ms, size=items)
         except QueueFull as exc:
-            per_req_ms = self.estimate(self.batcher.batch_size) / max(1, self.batcher.batch_size)
-            drain_s = len(self.queue) * per_req_ms / 1000.0 / max(1, len(self.replicas))
+            per_image_ms = self.estimate(self.batcher.batch_size) / max(1, self.batcher.batch_size)
+            drain_s = self.queue.images * per_image_ms / 1000.0 / max(1, len(self.replicas))
             raise ServerBusy(str(exc), max(1, math.ceil(drain_s))) from None
         self.metrics.queue_length.labels(self.model_name).set(len(self.queue))
         self._wakeup.set()
@@ -168,6 +173,7 @@ class ServingCore:
 
     async def _execute(self, replica: Replica, entries: list[Entry[Pending]]) -> None:
         start = self.clock()
+        cpu_m = self.cpu_m[replica.name]  # the allocation the batch starts on (its BatchSample's c)
         pendings = [e.payload for e in entries]
         names = list(pendings[0].inputs)
         if len(pendings) == 1:
@@ -181,13 +187,23 @@ class ServingCore:
                 if not p.future.done():
                     p.future.set_exception(InferenceFailed(str(exc)))
             return
-        self.estimate.observe(len(pendings), result.infer_ms)
-        self.metrics.batch_size.labels(self.model_name).observe(len(pendings))
+        images = sum(p.items for p in pendings)
+        self.estimate.observe(images, result.infer_ms)
+        self.metrics.batch_size.labels(self.model_name).observe(images)
+        self.metrics.batch_requests.labels(self.model_name).observe(len(pendings))
         self.metrics.batch_latency.labels(self.model_name).observe(result.infer_ms / 1000.0)
+        self.record_batch(BatchSample(images, cpu_m, float(result.infer_ms), self.clock()))
         offset = 0
         for p in pendings:
             part = {k: v[offset: offset + p.items] for k, v in result.outputs.items()}
             offset += p.items
             if not p.future.done():
-                p.future.set_result(Served(part, len(pendings), start - p.arrival_ms, result.infer_ms,
-                                           self.cpu_m[replica.name], replica.name))
+                p.future.set_result(Served(part, images, start - p.arrival_ms, result.infer_ms,
+                                           self.cpu_m[replica.name], replica.name, len(pendings)))
+
+    def record_batch(self, sample: BatchSample) -> None:
+        """Keep a served batch (or a probe's) for the controller's next observation (bounded: the oldest
+        go first when nobody drains them)."""
+        if len(self.recent_batches) >= MAX_BATCH_SAMPLES:
+            del self.recent_batches[: len(self.recent_batches) - MAX_BATCH_SAMPLES + 1]
+        self.recent_batches.append(sample)

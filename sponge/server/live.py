@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
+from sponge.perf.samples import BatchSample
 from sponge.policy.types import Decision
 from sponge.server.core import ServingCore
 from sponge.server.scaler import ReplicaScaler
@@ -13,7 +14,8 @@ log = logging.getLogger("sponge.live")
 
 
 class LiveView:
-    """Reads arrivals, budgets, backlog and CPU usage from the serving core and the actuators."""
+    """Reads arrivals, budgets, backlog, served batches, CPU usage and allocation from the serving core and
+    the actuators."""
 
     def __init__(self, core: ServingCore, scaler: ReplicaScaler) -> None:
         self.core = core
@@ -22,9 +24,17 @@ class LiveView:
     def arrivals_total(self) -> int:
         return self.core.arrivals
 
-    def take_budgets(self) -> Sequence[float]:
+    def take_budgets(self) -> Sequence[tuple[float, float]]:
         budgets, self.core.recent_budgets = self.core.recent_budgets, []
         return budgets
+
+    def take_batches(self) -> Sequence[BatchSample]:
+        batches, self.core.recent_batches = self.core.recent_batches, []
+        return batches
+
+    def cpu_allocated_mms(self, now_ms: float) -> float:
+        """Allocated CPU as applied, summed over replicas, integrated since the start (millicore-ms)."""
+        return self.scaler.allocation.integral_mms(now_ms)
 
     def queue_remaining_ms(self, now_ms: float) -> Sequence[float]:
         return self.core.queue.remaining_ms(now_ms)

@@ -23,8 +23,10 @@ class Metrics:
         self.queue_time = Histogram("sponge_request_queue_seconds", "Time a request waited in the EDF queue",
                                     ["model"], buckets=LATENCY_BUCKETS_S, registry=r)
         self.queue_length = Gauge("sponge_queue_length", "Requests waiting in the EDF queue", ["model"], registry=r)
-        self.batch_size = Histogram("sponge_batch_size", "Requests per executed batch", ["model"],
-                                    buckets=BATCH_BUCKETS, registry=r)
+        self.batch_size = Histogram("sponge_batch_size", "Images (first-axis rows) per executed batch, as the "
+                                    "latency model counts them", ["model"], buckets=BATCH_BUCKETS, registry=r)
+        self.batch_requests = Histogram("sponge_batch_requests", "Requests per executed batch", ["model"],
+                                        buckets=BATCH_BUCKETS, registry=r)
         self.batch_latency = Histogram("sponge_batch_inference_seconds", "Runtime time per batch", ["model"],
                                        buckets=LATENCY_BUCKETS_S, registry=r)
         self.configured_batch = Gauge("sponge_batch_size_target", "Batch size in force", ["model"], registry=r)

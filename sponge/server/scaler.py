@@ -9,6 +9,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from sponge.observe import AllocationMeter
 from sponge.runtime.replica import Replica
 from sponge.scaling.base import CpuActuator
 from sponge.scaling.self_limit import threads_for
@@ -55,6 +56,8 @@ class ReplicaScaler:
         self.actuators = actuators
         self.min_cpu_m = min_cpu_m
         self.max_cpu_m = max_cpu_m
+        # what was applied, when: the live run's bill (core-seconds), as the simulator integrates it
+        self.allocation = AllocationMeter(core.clock(), {r.name: core.cpu_m[r.name] for r in core.replicas})
         for r in core.replicas:
             r.on_start = self._attach
 
@@ -80,7 +83,8 @@ class ReplicaScaler:
         threads = threads_for(applied)
         replica.set_threads(threads)
         self.core.cpu_m[name] = applied
-        self.core.estimate.reset()  # latencies seen at the old allocation no longer hold
+        self.allocation.set(self.core.clock(), name, applied)
+        self.core.estimate.resized(applied)  # latencies seen at the old allocation now only bound it
         m = self.core.metrics
         m.cpu.labels(name).set(applied)
         m.threads.labels(name).set(threads)

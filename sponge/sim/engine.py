@@ -5,16 +5,17 @@ What is real and what is modelled:
     (`sponge.scheduling.batcher.Batcher`), the policy objects (`sponge.policy`, called through the same
     `Observation`/`Decision` types as the live controller) and the request plan
     (`sponge.workload.generate_requests`, the load generator's own function);
-  * modelled: a batch of b on c millicores takes `LatencyModel.latency_ms(b, c)` ms, times an optional
+  * modelled: a batch of b images on c millicores takes `LatencyModel.latency_ms(b, c)` ms, times an optional
     seeded lognormal factor of mean 1; an in-place resize takes effect `resize_delay_ms` after the
     decision and re-times the running batch (the work left runs at the new speed); a new replica serves
     only after `cold_start_ms`; a removed replica finishes its running batch first.
 
 Semantics, mirrored from `sponge.server.core.ServingCore`:
-  * admission: with expiry `reject`, a request whose deadline is earlier than now + l(1, c) is answered at
-    once with a deadline error (outcome `expired`); a full queue refuses it (`rejected`);
+  * admission: with expiry `reject`, a request of n images whose deadline is earlier than now + l(n, c) is
+    answered at once with a deadline error (outcome `expired`); a full queue refuses it (`rejected`);
   * a free replica asks the batcher for its next action (expired entries are answered at once; a
-    dispatch takes up to b from the head; a wait is bounded by the head's slack and `max_wait_ms`);
+    dispatch takes up to b images from the head, never splitting a request; a wait is bounded by the
+    head's slack and `max_wait_ms`);
   * every request arrives at its send time (the load generator reports the network delay, it does not
     incur it) and its deadline is send + budget; it is `ok` iff server time <= budget.
 
@@ -24,8 +25,12 @@ the service-time noise; the request plan has its own seed).
 
 Cost: core-seconds = integral over [0, end] of the CPU allocated to every replica that exists (starting,
 serving or draining), exactly (not sampled). The timeline's `total_cpu_m` is each interval's mean
-allocation, rounded; its `cpu_m`, `replicas`, `batch` and `feasible` are those in force at the
-interval's end, before the controller's decision at that instant.
+allocation, rounded (the live decision log bills the same quantity); its `cpu_m`, `replicas`, `batch` and
+`feasible` are those in force at the interval's end, before the controller's decision at that instant.
+
+The policy's Observation is built by `sponge.observe.ObservationBuilder`, the live controller's own
+builder, fed what the simulated server measured (budgets stamped with their arrival times, cumulative
+usage and allocation, the batches served with their simulated latencies).
 """
 
 from __future__ import annotations
@@ -34,18 +39,18 @@ import heapq
 import json
 import math
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from sponge.control import BUDGET_WINDOW_MS, MAX_BUDGETS, RATE_HISTORY
+from sponge.observe import BUDGET_WINDOW_MS, MAX_BUDGETS, RATE_HISTORY, ObservationBuilder
 from sponge.perf.latency_model import LatencyModel
+from sponge.perf.samples import BatchSample
 from sponge.policy.types import Decision, Observation, Policy
 from sponge.report.results import RequestRecord, TimelineRecord, write_run
-from sponge.scheduling.batcher import Batcher, Dispatch, ExpiryPolicy
+from sponge.scheduling.batcher import DEFAULT_MAX_WAIT_MS, Batcher, Dispatch, ExpiryPolicy
 from sponge.scheduling.edf import EDFQueue, QueueFull
 from sponge.sim.inputs import RequestSet
 
@@ -70,10 +75,10 @@ class SimConfig:
     cold_start_ms: float = 7000.0  # new replica -> ready
     noise_sigma: float = 0.0  # lognormal sigma of the service-time factor (mean 1); 0 = exact model
     expiry: str = "reject"  # ExpiryPolicy value: reject | serve_late
-    max_wait_ms: float = 5.0  # batcher: longest wait for a fuller batch
+    max_wait_ms: float = DEFAULT_MAX_WAIT_MS  # batcher: longest wait for a fuller batch (as the live server's)
     queue_capacity: int = 100_000
-    # Observation.budgets_ms: as sponge.control.Controller, the budgets collected at the ticks of the last
-    # budget_window_ms (arrivals in (now - window - interval, now]), at most max_budgets, the newest
+    # Observation.budgets_ms (sponge.observe.ObservationBuilder, as live): budgets of the requests that
+    # arrived in (now - budget_window_ms - interval, now], at most max_budgets, the newest
     budget_window_ms: float = BUDGET_WINDOW_MS
     max_budgets: int = MAX_BUDGETS
     history_len: int = RATE_HISTORY  # Observation.rate_history_rps: this many intervals, oldest first
@@ -103,7 +108,7 @@ class _Replica:
     """One model server: ready after its cold start, busy with at most one batch."""
 
     __slots__ = ("rid", "ready", "busy", "removing", "alive", "version", "batch", "size", "finish", "cpu_start",
-                 "usage", "busy_since")
+                 "usage", "busy_since", "started")
 
     def __init__(self, rid: int, ready: bool) -> None:
         self.rid = rid
@@ -116,8 +121,9 @@ class _Replica:
         self.size = 0
         self.finish = 0.0
         self.cpu_start = 0
-        self.usage = 0.0  # millicore-ms used since the last tick
+        self.usage = 0.0  # millicore-ms used, cumulative (accrued up to busy_since while busy)
         self.busy_since = 0.0
+        self.started = 0.0  # when the running batch started
 
 
 @dataclass
@@ -212,6 +218,7 @@ class Simulator:
         self._send = requests.send_ms.tolist()
         self._budget = requests.budget_ms.tolist()
         self._deadline = (requests.send_ms + requests.budget_ms).tolist()
+        self._images = requests.images.tolist()
         self._outcome = [PENDING] * n
         self._server = [math.nan] * n
         self._batch = [0] * n
@@ -233,7 +240,6 @@ class Simulator:
         self._next_wake = math.inf
         self._cost = 0.0  # millicore-ms
         self._cost_t = 0.0
-        self._cost_tick = 0.0
         self.live: list[_Replica] = []  # every replica that costs CPU (starting, serving, draining)
         self.idle: list[_Replica] = []  # ready, not busy, not draining
         self._rid = 0
@@ -245,7 +251,9 @@ class Simulator:
         self._noise_i = 0
 
         self._arr_tick = 0  # arrivals seen at the last tick
-        self._rates: deque[float] = deque(maxlen=cfg.history_len)
+        self._served: list[BatchSample] = []  # batches completed since the last tick
+        self.observer = ObservationBuilder(cfg.interval_ms, 0.0, 0, {}, 0.0, history_len=cfg.history_len,
+                                           budget_window_ms=cfg.budget_window_ms, max_budgets=cfg.max_budgets)
         self.timeline: list[TimelineRecord] = []
         self.decisions: list[tuple[float, Decision]] = []
         self.events = 0
@@ -351,12 +359,13 @@ class Simulator:
             break
 
     def _start(self, rep: _Replica, entries: list, now: float) -> None:
-        b = len(entries)
+        b = sum(e.size for e in entries)  # images
         rep.busy = True
         rep.batch = [e.payload for e in entries]
         rep.size = b
         rep.cpu_start = self.cpu
         rep.busy_since = now
+        rep.started = now
         rep.version += 1
         rep.finish = now + self._estimate(b) * self._noise_factor()
         self._push(rep.finish, _COMPLETE, rep, rep.version)
@@ -366,6 +375,7 @@ class Simulator:
             return  # re-timed by a resize: a newer completion event stands for it
         rep.usage += self.cpu * (now - rep.busy_since)
         send, budget, b, c = self._send, self._budget, rep.size, rep.cpu_start
+        self._served.append(BatchSample(b, c, now - rep.started, now))
         for i in rep.batch:
             srv = now - send[i]
             self._end(i, OK if srv <= budget[i] else LATE, srv, b, c)
@@ -379,11 +389,12 @@ class Simulator:
 
     def _arrive(self, i: int, now: float) -> None:
         dl = self._deadline[i]
-        if self._reject and dl < now + self._lat[1]:
+        size = self._images[i]
+        if self._reject and dl < now + (self._lat[1] if size == 1 else self._estimate(size)):
             self._end(i, EXPIRED, 0.0)
             return
         try:
-            self.queue.push(i, dl, now)
+            self.queue.push(i, dl, now, size)
         except QueueFull:
             self._end(i, REJECTED, 0.0)
             return
@@ -410,30 +421,22 @@ class Simulator:
         self._dispatch(now)
 
     def _observe(self, now: float, arrived: int) -> Observation:
-        cfg = self.cfg
-        interval = cfg.interval_ms
-        usage = []
+        """What the live controller would see now (call after `_integrate(now)`)."""
+        usage: dict[object, float | None] = {}
         for rep in self.live:
             if rep.busy:
                 rep.usage += self.cpu * (now - rep.busy_since)
                 rep.busy_since = now
             if rep.ready:
-                usage.append(rep.usage / interval)
-            rep.usage = 0.0
-        lo = int(np.searchsorted(self.req.send_ms, now - cfg.budget_window_ms - interval, side="right"))
-        budgets = tuple(self._budget[max(lo, arrived - cfg.max_budgets):arrived])
-        active = [r for r in self.live if not r.removing]
-        return Observation(
-            now_ms=now,
-            interval_ms=interval,
-            arrival_rate_rps=self._rates[-1],
-            rate_history_rps=tuple(self._rates),
-            budgets_ms=budgets,
-            queue_remaining_ms=tuple(self.queue.remaining_ms(now)),
-            current=self.current,  # the decision in force, as the live controller reports it
-            cpu_usage_m=tuple(usage),
-            replicas_starting=sum(1 for r in active if not r.ready),
-        )
+                usage[rep.rid] = rep.usage
+        lo, self._arr_tick = self._arr_tick, arrived
+        budgets = zip(self._send[lo:arrived], self._budget[lo:arrived])
+        served, self._served = self._served, []
+        return self.observer.observe(
+            now, arrived, budgets, self.queue.remaining_ms(now), usage,
+            self.current,  # the decision in force, as the live controller reports it
+            replicas_starting=sum(1 for r in self.live if not r.removing and not r.ready),
+            batches=served, allocated_mms=self._cost)
 
     def _apply(self, d: Decision, now: float) -> None:
         cpu = int(d.cpu_m)
@@ -457,22 +460,17 @@ class Simulator:
         """Close the interval ending now, ask the policy, apply. Returns False when the run is over."""
         cfg = self.cfg
         self._integrate(now)
-        interval_cost = self._cost - self._cost_tick
-        self._cost_tick = self._cost
-        rate = (arrived - self._arr_tick) * 1000.0 / cfg.interval_ms
-        self._arr_tick = arrived
-        self._rates.append(rate)
+        obs = self._observe(now, arrived)
         active = sum(1 for r in self.live if not r.removing)
         self.timeline.append(TimelineRecord(
-            t_ms=now, arrival_rps=rate, cpu_m=int(self.cpu), replicas=active,
-            total_cpu_m=int(round(interval_cost / cfg.interval_ms)), batch=self.batcher.batch_size,
+            t_ms=now, arrival_rps=obs.arrival_rate_rps, cpu_m=int(self.cpu), replicas=active,
+            total_cpu_m=int(round(self.observer.total_cpu_m)), batch=self.batcher.batch_size,
             queue_len=len(self.queue), feasible=bool(self.current.feasible),
         ))
         if self.progress is not None:
             self.progress(min(now / self.req.duration_ms, 1.0) if self.req.duration_ms > 0 else 1.0)
         if now >= self.req.duration_ms and (self._ended == self.n or now >= self.req.duration_ms + cfg.max_drain_ms):
             return False
-        obs = self._observe(now, arrived)
         d = self.policy.decide(obs)
         if cfg.keep_explanations:
             self.decisions.append((now, d))

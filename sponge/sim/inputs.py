@@ -1,4 +1,5 @@
-"""The simulator's input: every request of a run as columns (send time, SLO, network delay, budget).
+"""The simulator's input: every request of a run as columns (send time, SLO, network delay, budget,
+images).
 
 The plan comes from `sponge.workload.generate_requests` — the same function the live load generator
 replays — and is held as NumPy columns so a simulation touches no per-request Python object until it
@@ -19,7 +20,8 @@ from sponge.workload.requests import PlannedRequest
 class RequestSet:
     """Requests sorted by send time. The server sees request i arrive at send_ms[i] (as in a live run,
     where the load generator reports the network delay instead of incurring it), with deadline
-    send_ms[i] + budget_ms[i]."""
+    send_ms[i] + budget_ms[i]. Request i carries images[i] images (first-axis rows; default 1): batches
+    are sized in images, as l(b, c) counts them."""
 
     send_ms: np.ndarray
     slo_ms: np.ndarray
@@ -27,6 +29,7 @@ class RequestSet:
     budget_ms: np.ndarray
     duration_ms: float  # length of the trace the plan was drawn from (the run lasts at least this long)
     description: str = ""
+    images: np.ndarray | None = None  # per-request image count (None: one each)
 
     def __post_init__(self) -> None:
         cols = {}
@@ -42,6 +45,10 @@ class RequestSet:
             raise ValueError("RequestSet.send_ms must be finite and sorted")
         if n and not np.all(np.isfinite(cols["budget_ms"])):
             raise ValueError("RequestSet.budget_ms must be finite")
+        img = np.ones(n, dtype=np.int64) if self.images is None else np.array(self.images, dtype=np.int64)
+        if img.shape != (n,) or (n and img.min() < 1):
+            raise ValueError("RequestSet.images must hold one integer >= 1 per request")
+        cols["images"] = img
         for name, a in cols.items():
             a.setflags(write=False)
             object.__setattr__(self, name, a)
@@ -77,10 +84,12 @@ class RequestSet:
         slo_ms: float | Sequence[float] | np.ndarray | None = None,
         duration_ms: float | None = None,
         description: str = "",
+        images: Sequence[int] | np.ndarray | None = None,
     ) -> RequestSet:
-        """Hand-made requests (tests, what-if cases): network = slo - budget; slo defaults to the budget."""
+        """Hand-made requests (tests, what-if cases): network = slo - budget; slo defaults to the budget;
+        images per request default to 1."""
         send = np.asarray(send_ms, dtype=np.float64)
         bud = np.broadcast_to(np.asarray(budget_ms, dtype=np.float64), send.shape)
         slo = bud if slo_ms is None else np.broadcast_to(np.asarray(slo_ms, dtype=np.float64), send.shape)
         dur = float(duration_ms) if duration_ms is not None else (float(send.max()) if send.size else 0.0)
-        return cls(send, slo, slo - bud, bud, dur, description)
+        return cls(send, slo, slo - bud, bud, dur, description, images)

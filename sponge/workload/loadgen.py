@@ -117,14 +117,19 @@ class LoadRun:
 
 
 def fetch_timeline(url: str, token: str | None, since_server_ms: float) -> list[TimelineRecord]:
-    """The server's decision log as a timeline (experiment time = server time - run start)."""
+    """The server's decision log as a timeline (experiment time = server time - run start).
+
+    Each row's `total_cpu_m` is what the server applied over the interval ending at that tick (all
+    replicas, time-weighted), so `core_seconds` of the timeline is the integral of the applied CPU; a
+    server too old to report it is billed with its decision at the tick instead."""
     if token is None:
         return []
     r = httpx.get(f"{url}/admin/decisions", params={"since_ms": since_server_ms},
                   headers={"Authorization": f"Bearer {token}"}, timeout=10)
     r.raise_for_status()
     return [TimelineRecord(e["t_ms"] - since_server_ms, e["arrival_rate_rps"], e["cpu_m"], e["replicas"],
-                           e["cpu_m"] * e["replicas"], e["batch"], e["queue_len"], e["feasible"])
+                           e.get("total_cpu_m", e["cpu_m"] * e["replicas"]), e["batch"], e["queue_len"],
+                           e["feasible"])
             for e in r.json()["decisions"]]
 
 
