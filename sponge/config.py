@@ -23,7 +23,8 @@ class ServerConfig(BaseModel):
     model_name: str | None = Field(None, description="name the model is served under (default: from the file)")
     default_slo_ms: float = Field(1000.0, gt=0, le=3_600_000)
     max_clock_skew_ms: float = Field(
-        2000.0, ge=0, description="sent_at may be this far in the future before it is refused"
+        2000.0, ge=0, description="sent_at may be this far in the future, or this far beyond the request's "
+        "slo_ms in the past, before it is refused as a skewed client clock"
     )
     expiry_policy: Literal["reject", "serve_late"] = "reject"
     queue_capacity: int = Field(1024, ge=1, le=1_000_000)
@@ -35,6 +36,12 @@ class ServerConfig(BaseModel):
         DEFAULT_MAX_WAIT_MS, ge=0, description="longest wait for a fuller batch (slack permitting); 0 = greedy: a free replica takes what is queued"
     )
     replicas: int = Field(1, ge=1, le=64)
+    replica_timeout_floor_ms: float = Field(
+        2000.0, gt=0, description="watchdog: a replica that has not answered a batch within max(this floor "
+        "(scaled up below one core), replica_timeout_factor x the batch's expected latency) is killed and "
+        "restarted; its batch fails (500)")
+    replica_timeout_factor: float = Field(10.0, ge=1, description="watchdog: multiple of a batch's expected "
+                                          "latency after which its replica counts as hung")
     cpu_m: int | None = Field(None, ge=1, description="CPU per replica in millicores (default: all cores)")
     min_cpu_m: int = Field(100, ge=1, description="smallest CPU per replica the controller may set")
     max_cpu_m: int | None = Field(None, ge=1, description="largest CPU per replica (default: all cores)")

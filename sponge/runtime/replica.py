@@ -101,7 +101,7 @@ class Replica:
         except EOFError:
             raise RuntimeError(f"replica {self.name} exited during start (exit code {proc.exitcode})") from None
         if msg[0] != "ready":
-            proc.join(5)
+            await self._loop.run_in_executor(None, proc.join, 5)  # never a blocking join on the loop
             raise RuntimeError(f"replica {self.name} failed to load the model: {msg[1]}")
         info = msg[1]
         self.inputs, self.outputs, self.labels = info["inputs"], info["outputs"], info["labels"]
@@ -140,13 +140,12 @@ class Replica:
             self._conn.close()
             self._conn = None
         self._ready.clear()
+        # Non-blocking (waitpid WNOHANG): this runs on the event loop. The process is reaped by stop().
         code = self._proc.exitcode if self._proc is not None else None
-        if self._proc is not None:
-            self._proc.join(1)
-            code = self._proc.exitcode
         for fut in self._pending.values():
             if not fut.done():
-                fut.set_exception(ReplicaDied(f"replica {self.name} died (exit code {code})"))
+                fut.set_exception(ReplicaDied(f"replica {self.name} died"
+                                              + (f" (exit code {code})" if code is not None else "")))
         self._pending.clear()
         log.warning("replica %s died (exit code %s)", self.name, code)
         if self.on_death is not None:
@@ -168,6 +167,17 @@ class Replica:
                 self._on_death()
             raise ReplicaDied(f"replica {self.name} died") from None
         return await fut
+
+    def kill(self) -> None:
+        """The worker is hung (e.g. stopped): SIGKILL its own pid and fail what it holds, at once; the
+        dispatch loop then restarts it (`restart` reaps the process off the event loop)."""
+        if self._proc is not None and self._proc.exitcode is None:
+            try:
+                self._proc.kill()
+            except ProcessLookupError:
+                pass
+        if self._conn is not None:
+            self._on_death()
 
     def set_threads(self, n: int) -> None:
         self.threads = n
@@ -192,6 +202,6 @@ class Replica:
             await asyncio.get_running_loop().run_in_executor(None, proc.join, 5)
             if proc.is_alive():
                 proc.kill()
-                proc.join(2)
+                await asyncio.get_running_loop().run_in_executor(None, proc.join, 2)
         self._ready.clear()
         self._proc = None

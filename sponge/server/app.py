@@ -25,7 +25,7 @@ from sponge.protocol.v2 import (
     parse_infer_request,
 )
 from sponge.runtime.base import TensorSpec
-from sponge.server.core import DeadlineExpired, InferenceFailed, ServerBusy, ServingCore
+from sponge.server.core import DeadlineExpired, InferenceFailed, Pending, Served, ServerBusy, ServingCore
 from sponge.server.slo import request_budget
 
 EXTENSIONS = ["binary_tensor_data", "classification", "sponge_dynamic_slo"]
@@ -57,6 +57,30 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise BodyTooLarge(f"body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Return when the client goes away. After the body, an ASGI server's `receive` blocks until the
+    connection closes (or the response is complete), then says `http.disconnect`: no polling."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+        await asyncio.sleep(0.05)  # a stray empty body message: do not spin
+
+
+async def served_unless_gone(core: ServingCore, pending: Pending, request: Request) -> Served | None:
+    """The request's result; None if its client disconnected while it was still queued (it is then
+    removed from the queue: no replica will run it). Once in a batch it is waited for as usual."""
+    gone = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({pending.future, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    client_left = gone in done and gone.exception() is None  # a failing receive proves nothing: keep it
+    if client_left and not pending.future.done() and core.cancel(pending):
+        return None
+    return await asyncio.shield(pending.future)
 
 
 def create_app(core: ServingCore, *, max_body_bytes: int, default_slo_ms: float, max_clock_skew_ms: float,
@@ -109,6 +133,7 @@ def create_app(core: ServingCore, *, max_body_bytes: int, default_slo_ms: float,
     @app.post("/v2/models/{model_name}/versions/{version}/infer", tags=["v2"], include_in_schema=False)
     async def infer(model_name: str, request: Request, version: str | None = None) -> Response:
         arrival_ms = core.clock()
+        arrival_wall_s = time.time()  # the same moment on the wall clock, for sent_at: before the body is read
         if (resp := model_known(model_name)) is not None:
             metrics.requests.labels(name, "invalid").inc()
             return resp
@@ -129,7 +154,7 @@ def create_app(core: ServingCore, *, max_body_bytes: int, default_slo_ms: float,
                 if o.name not in out_names:
                     raise ProtocolError(f"output '{o.name}' is not an output of this model "
                                         f"(expected {sorted(out_names)})")
-            budget = request_budget(req.parameters, request.headers, arrival_ms, time.time(),
+            budget = request_budget(req.parameters, request.headers, arrival_ms, arrival_wall_s,
                                     default_slo_ms, max_clock_skew_ms)
         except ProtocolError as exc:
             metrics.requests.labels(name, "invalid").inc()
@@ -137,7 +162,10 @@ def create_app(core: ServingCore, *, max_body_bytes: int, default_slo_ms: float,
         metrics.budget.labels(name).observe(max(0.0, budget.budget_ms) / 1000.0)
         try:
             pending = core.submit(req.inputs, items, budget, arrival_ms)
-            served = await asyncio.shield(pending.future)
+            served = await served_unless_gone(core, pending, request)
+            if served is None:  # the client went away while queued: nobody to answer
+                metrics.requests.labels(name, "cancelled").inc()
+                return error(499, "client closed the request")
         except DeadlineExpired as exc:
             metrics.requests.labels(name, "expired").inc()
             return error(504, f"deadline exceeded: {exc}")

@@ -61,6 +61,13 @@ class Pending:
     budget: Budget
     arrival_ms: float
     future: asyncio.Future[Served] = field(repr=False)
+    entry: Entry["Pending"] | None = field(default=None, repr=False)  # its place in the queue (for cancel)
+
+
+def _fail(pendings: list[Pending], exc: Exception) -> None:
+    for p in pendings:
+        if not p.future.done():
+            p.future.set_exception(exc)
 
 
 def monotonic_ms() -> float:
@@ -72,8 +79,11 @@ class ServingCore:
 
     def __init__(self, model_name: str, replicas: list[Replica], batch: int, queue_capacity: int,
                  expiry: ExpiryPolicy, max_wait_ms: float, metrics: Metrics, cpu_m: int,
-                 clock: Callable[[], float] = monotonic_ms) -> None:
+                 clock: Callable[[], float] = monotonic_ms, replica_timeout_floor_ms: float = 2000.0,
+                 replica_timeout_factor: float = 10.0) -> None:
         self.model_name = model_name
+        self.replica_timeout_floor_ms = replica_timeout_floor_ms
+        self.replica_timeout_factor = replica_timeout_factor
         self.replicas = replicas
         self.metrics = metrics
         self.clock = clock
@@ -103,7 +113,7 @@ class ServingCore:
             )
         pending = Pending(inputs, items, budget, arrival_ms, asyncio.get_running_loop().create_future())
         try:
-            self.queue.push(pending, budget.deadline_ms, arrival_ms, size=items)
+            pending.entry = self.queue.push(pending, budget.deadline_ms, arrival_ms, size=items)
         except QueueFull as exc:
             per_image_ms = self.estimate(self.batcher.batch_size) / max(1, self.batcher.batch_size)
             drain_s = self.queue.images * per_image_ms / 1000.0 / max(1, len(self.replicas))
@@ -111,6 +121,22 @@ class ServingCore:
         self.metrics.queue_length.labels(self.model_name).set(len(self.queue))
         self._wakeup.set()
         return pending
+
+    def cancel(self, pending: Pending) -> bool:
+        """Its client went away: drop a still-queued request (its future is cancelled). False when it is
+        no longer queued (already in a batch, or answered)."""
+        if pending.entry is None or not self.queue.remove(pending.entry):
+            return False
+        pending.future.cancel()
+        self.metrics.queue_length.labels(self.model_name).set(len(self.queue))
+        self._wakeup.set()  # the batcher may have been waiting on this request's slack
+        return True
+
+    def watchdog_ms(self, images: int, cpu_m: int | None = None) -> float:
+        """How long a batch may run before its replica counts as hung: `replica_timeout_factor` times its
+        expected latency, and at least the floor (meant for a whole core: scaled up below one)."""
+        floor = self.replica_timeout_floor_ms * (max(1.0, 1000.0 / cpu_m) if cpu_m else 1.0)
+        return max(floor, self.replica_timeout_factor * self.estimate(images))
 
     # ---- dispatch ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -180,13 +206,22 @@ class ServingCore:
             inputs = pendings[0].inputs
         else:
             inputs = {n: np.concatenate([p.inputs[n] for p in pendings]) for n in names}
+        timeout_ms = self.watchdog_ms(sum(p.items for p in pendings), self.cpu_m[replica.name])
         try:
-            result = await replica.infer(inputs)
+            result = await asyncio.wait_for(replica.infer(inputs), timeout_ms / 1000.0)
         except (ReplicaDied, ReplicaError) as exc:
-            for p in pendings:
-                if not p.future.done():
-                    p.future.set_exception(InferenceFailed(str(exc)))
+            _fail(pendings, InferenceFailed(str(exc)))
             return
+        except TimeoutError:  # hung (stopped, deadlocked): kill it, the dispatch loop restarts it; the
+            # stall is not observed, so it does not poison the latency estimate
+            log.error("replica %s (pid %s) did not answer within %.0f ms: killing it", replica.name,
+                      replica.pid, timeout_ms)
+            replica.kill()
+            _fail(pendings, InferenceFailed(f"replica {replica.name} timed out after {timeout_ms:.0f} ms"))
+            return
+        except asyncio.CancelledError:  # close() cancels the dispatch loops: answer the batch in flight
+            _fail(pendings, InferenceFailed("server is shutting down" if self._closing else "dispatch cancelled"))
+            raise
         images = sum(p.items for p in pendings)
         self.estimate.observe(images, result.infer_ms)
         self.metrics.batch_size.labels(self.model_name).observe(images)

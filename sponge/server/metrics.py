@@ -14,7 +14,8 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("sponge_requests", "Inference requests by outcome "
-                                "(ok, late, expired, rejected, invalid, error)", ["model", "outcome"], registry=r)
+                                "(ok, late, expired, rejected, invalid, error, cancelled)", ["model", "outcome"],
+                                registry=r)
         self.server_latency = Histogram("sponge_request_server_latency_seconds",
                                         "Time from arrival to response, in the server", ["model"],
                                         buckets=LATENCY_BUCKETS_S, registry=r)

@@ -110,7 +110,8 @@ def build_app(cfg: ServerConfig) -> FastAPI:
     metrics = Metrics()
     replicas = [Replica(f"r{i}", str(model_path), threads, max_threads) for i in range(cfg.replicas)]
     core = ServingCore(model_name, replicas, cfg.batch, cfg.queue_capacity, ExpiryPolicy(cfg.expiry_policy),
-                       cfg.max_batch_wait_ms, metrics, cpu_m)
+                       cfg.max_batch_wait_ms, metrics, cpu_m, replica_timeout_floor_ms=cfg.replica_timeout_floor_ms,
+                       replica_timeout_factor=cfg.replica_timeout_factor)
     actuators, why = make_actuators(cfg, [r.name for r in replicas], cpu_m)
     scaler = ReplicaScaler(core, actuators, cfg.min_cpu_m, max_cpu_m)
     kind = next(iter(actuators.values())).kind
@@ -119,7 +120,8 @@ def build_app(cfg: ServerConfig) -> FastAPI:
     policy = make_policy_for(cfg, latency_model, cpu_m, max_cpu_m)
     controller = Controller(policy, LiveView(core, scaler), LiveApplier(core, scaler, cfg.max_batch),
                             Decision(cpu_m, cfg.batch, cfg.replicas), cfg.interval_ms, clock=core.clock,
-                            on_decision=lambda e: metrics.decisions.labels(e.policy, str(e.feasible).lower()).inc())
+                            on_decision=lambda e: (metrics.arrival_rate.set(e.arrival_rate_rps),
+                                                   metrics.decisions.labels(e.policy, str(e.feasible).lower()).inc()))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

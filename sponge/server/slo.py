@@ -72,8 +72,11 @@ def request_budget(
             raise ProtocolError(
                 f"'{sent[1]}' is {-delay_ms:.0f} ms in the future (allowed clock skew {max_clock_skew_ms:.0f} ms)"
             )
-        if delay_ms > MAX_SLO_MS:
-            raise ProtocolError(f"'{sent[1]}' is {delay_ms / 1000:.0f} s in the past: not a send time")
+        if delay_ms > slo_ms + max_clock_skew_ms:  # already hopeless, or the client's clock is off
+            raise ProtocolError(
+                f"'{sent[1]}' is {delay_ms:.0f} ms in the past, more than slo_ms + allowed clock skew "
+                f"({slo_ms:.0f} + {max_clock_skew_ms:.0f} ms): the client's clock looks skewed"
+            )
         network_ms = max(0.0, delay_ms)
     budget = slo_ms - network_ms
     return Budget(slo_ms, network_ms, budget, arrival_ms + budget)
