@@ -54,11 +54,13 @@ class ServerConfig(BaseModel):
                              "gets its quota even when the front door or neighbours compete (like a Guaranteed pod)")
     policy: Literal["sponge", "paper", "static"] = "sponge"
     profile: str | None = Field(None, description="latency profile JSON (default: <model>.profile.json)")
-    auto_profile: bool = Field(True, description="profile the model at start when no valid profile exists")
-    profile_min_r2: float = Field(0.95, gt=0, le=1, description="refuse a profile whose fit R² is lower")
+    auto_profile: bool = Field(True, description="learn the latency model online also from background "
+                               "profiling batches run in idle gaps (served batches are always used)")
+    profile_min_r2: float = Field(0.95, gt=0, le=1, description="sponge profile: refuse a profile whose four-term "
+                                  "fit R² is lower (sponge serve uses any profile's cells to seed its online model)")
     profile_max_error: float = Field(
-        0.35, gt=0, description="refuse a profile whose p95 relative error is higher (the four-term model fits "
-        "EfficientNet-Lite0 here to ~15-30 %: thread-count steps and CFS noise; bench/profile.py reports it)")
+        0.35, gt=0, description="sponge profile: refuse a profile whose p95 relative error is higher (the four-term "
+        "model fits EfficientNet-Lite0 here to ~15-30 %: thread-count steps and CFS noise; bench/profile.py)")
     interval_ms: float = Field(1000.0, gt=0)
     admin_token: str | None = Field(None, description="bearer token for /admin endpoints (unset: admin disabled)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -21,7 +21,13 @@ turn over): the cautious direction.
 Readiness (`quality().ready`, defaults for a 2-core host): at least `min_cells` (6) cells with
 >= `min_samples` (5) samples each, spanning >= `min_cpu_levels` (3) CPU allocations and
 >= `min_batch_sizes` (2) batch sizes, and a leave-one-cell-out p95 relative error of the fitted
-`StepLatencyModel` <= `max_heldout_p95` (25 %). Below that, serve at a safe allocation and keep learning.
+`StepLatencyModel` <= `max_heldout_p95` (50 %). Below that, serve at a safe allocation and keep learning.
+Why 50 % and not tighter: the policy's margin is sized by the measured under-prediction (`safety()`,
+down to 0.5, i.e. a batch may run twice its prediction), so the bound only has to rule out a model the
+margin cannot cover. On this 2-core host, shared with other work, real grids measured 25-38 %
+leave-one-cell-out (the same cell measured twice differed by 31 % p95): a 25 % bound kept a live
+server in its safe allocation indefinitely. A quiet host is held to the same rule and gets a smaller
+margin.
 """
 
 from __future__ import annotations
@@ -121,7 +127,7 @@ class OnlineLatencyLearner:
     min_cells: int = 6
     min_cpu_levels: int = 3
     min_batch_sizes: int = 2
-    max_heldout_p95: float = 0.25
+    max_heldout_p95: float = 0.5
     max_threads: int | None = None
     prior_cells: float = DEFAULT_PRIOR_CELLS
     refit_tolerance: float = 0.02

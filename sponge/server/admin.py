@@ -89,4 +89,21 @@ def install_admin(app: FastAPI, core: ServingCore, token: str | None, scaler: Re
         return {"policy": controller.policy.name, "interval_ms": controller.interval_ms, "now_ms": core.clock(),
                 "decisions": [e.as_dict() for e in controller.decisions if e.t_ms > since_ms]}
 
+    @app.get("/admin/model", tags=["admin"], summary="The online latency model: mode, quality, measured cells")
+    async def latency_model(request: Request) -> Any:
+        if (resp := denied(request)) is not None:
+            return resp
+        policy = controller.policy if controller is not None else None
+        learner = getattr(policy, "learner", None)
+        if learner is None:
+            return {"policy": getattr(policy, "name", None), "learning": False}
+        q = learner.quality()
+        model = learner.model()
+        return {"policy": policy.name, "learning": True, "mode": policy.mode,  # type: ignore[union-attr]
+                "quality": {k: v for k, v in q.__dict__.items()}, "safety": learner.safety(),
+                "model": model.to_dict() if model is not None else None,
+                "cells": [{"batch": b, "cpu_m": c, "samples": n, "p95_ms": round(v, 3),
+                           "predicted_ms": round(float(model.latency_ms(b, c)), 3) if model is not None else None}
+                          for (b, c), (n, v) in sorted(learner.cell_stats().items())]}
+
     app.state.admin_denied = denied

@@ -41,3 +41,16 @@ class Metrics:
         self.resize_duration = Histogram("sponge_resize_duration_seconds", "Time to apply a CPU change",
                                          buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0), registry=r)
         self.arrival_rate = Gauge("sponge_arrival_rate_rps", "Arrival rate over the last interval", registry=r)
+        # The online latency model (serve first, learn while serving): which mode decides, how good it is.
+        self.controller_mode = Gauge("sponge_controller_mode", "1 for the mode deciding now: 'safe' (fixed safe "
+                                     "allocation while the latency model is learned) or 'model'", ["mode"], registry=r)
+        self.model_ready = Gauge("sponge_latency_model_ready", "1 when the online latency model meets its "
+                                 "readiness criterion", registry=r)
+        self.model_error = Gauge("sponge_latency_model_heldout_error_ratio", "Held-out p95 relative error of "
+                                 "the online latency model", registry=r)
+        self.model_cells = Gauge("sponge_latency_model_cells", "Measured (batch, cpu) cells in the online "
+                                 "latency model", registry=r)
+        self.model_safety = Gauge("sponge_latency_model_safety_ratio", "Deadline scale factor the policy uses "
+                                  "(smaller = larger margin; follows the model's measured error)", registry=r)
+        self.probes = Gauge("sponge_idle_probes", "Background profiling batches run in idle gaps, by outcome",
+                            ["outcome"], registry=r)

@@ -75,7 +75,7 @@ class IdleProber:
                 or self.core.cpu_m.get(replica.name) != cpu_m)
 
     def _pick(self) -> tuple[int, int] | None:
-        for b, c in self.wanted(self.cpu_levels, self.batch_sizes, 8):
+        for b, c in self.wanted(self.cpu_levels, self.batch_sizes, len(self.cpu_levels) * len(self.batch_sizes)):
             exp = self.expected(b, c) if self.expected is not None else None
             if exp is None and b > 1:
                 continue  # unknown cost: probe single images first; the model then bounds larger batches

@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 from pathlib import Path
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI
 
 from sponge.config import ConfigError, ServerConfig
-from sponge.control import Controller
+from sponge.control import Controller, DecisionLogEntry
 from sponge.perf.latency_model import LatencyModel
 from sponge.policy.baselines import StaticPolicy
+from sponge.policy.learning import LearningPolicy
 from sponge.policy.registry import make_policy
 from sponge.policy.types import Decision, Policy
 from sponge.runtime.replica import Replica
@@ -27,6 +29,7 @@ from sponge.server.app import create_app
 from sponge.server.core import ServingCore
 from sponge.server.live import LiveApplier, LiveView
 from sponge.server.metrics import Metrics
+from sponge.server.prober import IdleProber
 from sponge.server.scaler import NullActuator, ReplicaScaler
 
 log = logging.getLogger("sponge.serve")
@@ -62,41 +65,113 @@ def make_actuators(cfg: ServerConfig, names: list[str], cpu_m: int) -> tuple[dic
     return chosen, reason
 
 
-def obtain_latency_model(cfg: ServerConfig, model_path: Path, max_cpu_m: int) -> LatencyModel:
-    """The model's fitted profile: loaded if valid, else (with auto_profile) measured now and saved."""
+def load_offline_profile(cfg: ServerConfig, model_path: Path) -> tuple[Any, str]:
+    """The offline profile (`sponge profile`) to seed the online model with, or None and why not.
+
+    Never fatal: a missing, stale (model changed, other CFS period) or corrupt profile only means the
+    model is learned from scratch while serving. A profile whose four-term fit is poor is still used:
+    its cells are measurements, and Sponge's own model may fit them well (the learner judges).
+    """
     from sponge.perf.profile_store import ProfileError, load_profile, profile_path_for
 
     path = Path(cfg.profile) if cfg.profile else profile_path_for(model_path)
-    limits = {"min_r2": cfg.profile_min_r2, "max_p95_rel_err": cfg.profile_max_error}
+    if not path.exists():
+        return None, f"no offline profile at {path}"
     try:
-        profile = load_profile(path, model_path, **limits)
+        profile = load_profile(path, model_path, min_r2=-math.inf, max_p95_rel_err=math.inf)
         measured_period = profile.machine.get("profiled_with", {}).get("cfs_period_us")
         if measured_period is not None and cfg.actuator != "none" and measured_period != cfg.cfs_period_us:
             raise ValueError(f"it was measured with a CFS period of {measured_period} us, the server uses "
                              f"{cfg.cfs_period_us} us")
-        log.info("latency profile %s: l(b,c) = %.3g*b/c + %.3g*b + %.3g/c + %.3g ms", path, profile.model.g,
-                 profile.model.d, profile.model.e, profile.model.h)
-        return profile.model
-    except FileNotFoundError:
-        why = f"no profile at {path}"
-    except (ProfileError, ValueError) as exc:
-        why = f"profile {path} refused: {exc}"
-    if not cfg.auto_profile or cfg.profile:
-        raise ConfigError(f"{why}; run `sponge profile --model {model_path}` or use --policy static")
-    from sponge.perf.profiler import quick_profile
+    except (ProfileError, ValueError, OSError) as exc:
+        return None, f"offline profile {path} not used: {exc}"
+    return profile, f"offline profile {path} ({len(profile.grid)} cells)"
 
-    log.warning("%s — profiling the model now (once; saved for later starts)", why)
-    profile = quick_profile(model_path, max_cpu_m=max_cpu_m, out=path, actuator=cfg.actuator, progress=True,
-                            period_us=cfg.cfs_period_us, guaranteed=cfg.guaranteed, **limits)
-    return profile.model
+
+def make_learning_policy(cfg: ServerConfig, profile: Any, cpu_m: int, max_cpu_m: int) -> LearningPolicy:
+    """The configured model-driven policy behind a LearningPolicy: safe allocation until the online model
+    (seeded with the offline profile's cells, if any) is good enough."""
+    from sponge.perf.online import OnlineLatencyLearner
+
+    learner = OnlineLatencyLearner()
+    if profile is not None:
+        learner.seed(profile.points())
+
+    def inner(model: Any, safety: float) -> Policy:
+        if cfg.policy == "paper":  # the published rule keeps its own constant margin (0.9)
+            return make_policy("paper", model, max_cores=max(1, max_cpu_m // 1000), max_batch=cfg.max_batch)
+        return make_policy("sponge", model, min_cpu_m=cfg.min_cpu_m, max_cpu_m=max_cpu_m,
+                           max_batch=cfg.max_batch, safety=safety)
+
+    return LearningPolicy(cfg.policy, learner, inner, Decision(cpu_m, cfg.batch, cfg.replicas))
 
 
 def make_policy_for(cfg: ServerConfig, model: LatencyModel | None, cpu_m: int, max_cpu_m: int) -> Policy:
+    """A policy on a fixed latency model (bench/live.py's simulated twins); static without a model."""
     if cfg.policy == "static" or model is None:
         return StaticPolicy(cpu_m=cpu_m, batch=cfg.batch, replicas=cfg.replicas)
     if cfg.policy == "paper":
         return make_policy("paper", model, max_cores=max(1, max_cpu_m // 1000), max_batch=cfg.max_batch)
     return make_policy("sponge", model, min_cpu_m=cfg.min_cpu_m, max_cpu_m=max_cpu_m, max_batch=cfg.max_batch)
+
+
+class DecisionReporter:
+    """After each controller decision: metrics, and a log line when the deciding mode changes."""
+
+    def __init__(self, metrics: Metrics, policy: Policy, prober: IdleProber | None) -> None:
+        self.metrics, self.policy, self.prober = metrics, policy, prober
+        self._mode: str | None = None
+
+    def __call__(self, entry: DecisionLogEntry) -> None:
+        m = self.metrics
+        m.decisions.labels(entry.policy, str(entry.feasible).lower()).inc()
+        m.arrival_rate.set(entry.arrival_rate_rps)
+        if isinstance(self.policy, LearningPolicy):
+            self._learning(self.policy)
+        if self.prober is not None:
+            for outcome in ("run", "disturbed", "failed"):
+                m.probes.labels(outcome).set(getattr(self.prober.stats, outcome))
+
+    def _learning(self, policy: LearningPolicy) -> None:
+        m, st = self.metrics, policy.status()
+        q = policy.learner.quality()
+        for mode in ("safe", "model"):
+            m.controller_mode.labels(mode).set(1 if st.mode == mode else 0)
+        m.model_ready.set(1 if st.ready else 0)
+        m.model_error.set(float(q.heldout_p95) if q.heldout_p95 is not None else float("nan"))
+        m.model_cells.set(int(q.cells))
+        m.model_safety.set(st.safety if st.safety is not None else float("nan"))
+        if st.mode != self._mode:
+            if st.mode == "model":
+                log.warning("controller runs %s on the learned latency model (%s; safety %.2f)", policy.name,
+                            st.reason, st.safety or float("nan"))
+            elif self._mode is not None:
+                log.warning("latency model no longer good enough (%s): back to the safe allocation", st.reason)
+            self._mode = st.mode
+
+
+PROBE_BATCHES = (1, 2, 4, 8)
+
+
+def make_prober(cfg: ServerConfig, core: ServingCore, scaler: ReplicaScaler, policy: LearningPolicy,
+                max_cpu_m: int) -> IdleProber:
+    """Background profiling in idle gaps for the policy's online learner (cells it still wants)."""
+    from sponge.perf.profiler import default_cpu_grid
+
+    learner = policy.learner
+    levels = [c for c in default_cpu_grid(max_cpu_m) if c >= cfg.min_cpu_m]
+
+    def expected(batch: int, cpu_m: int) -> float | None:
+        """A probe's likely duration: the model's, else the costliest single image measured so far (in
+        core-ms, CPU-bound work scales ~1/c) times the batch; None before anything was measured."""
+        model = learner.model()
+        if model is not None:
+            return float(model.latency_ms(batch, cpu_m))
+        per_image = [p95 * c / 1000.0 / b for (b, c), (_, p95) in learner.cell_stats().items()]
+        return max(per_image) * batch * 1000.0 / cpu_m if per_image else None
+
+    return IdleProber(core, scaler, learner.wanted_cells, core.record_batch, cpu_levels=levels,
+                      batch_sizes=[b for b in PROBE_BATCHES if b <= cfg.max_batch], expected=expected)
 
 
 def build_app(cfg: ServerConfig) -> FastAPI:
@@ -116,12 +191,25 @@ def build_app(cfg: ServerConfig) -> FastAPI:
     scaler = ReplicaScaler(core, actuators, cfg.min_cpu_m, max_cpu_m)
     kind = next(iter(actuators.values())).kind
     log.warning("CPU actuator: %s — %s", kind, why)
-    latency_model = None if cfg.policy == "static" else obtain_latency_model(cfg, model_path, max_cpu_m)
-    policy = make_policy_for(cfg, latency_model, cpu_m, max_cpu_m)
+    policy: Policy
+    prober: IdleProber | None = None
+    if cfg.policy == "static":
+        policy = StaticPolicy(cpu_m=cpu_m, batch=cfg.batch, replicas=cfg.replicas)
+    else:
+        profile, why = load_offline_profile(cfg, model_path)
+        policy = make_learning_policy(cfg, profile, cpu_m, max_cpu_m)
+        status = policy.status()
+        if status.ready:
+            log.info("latency model: %s, good enough to start with (%s)", why, status.reason)
+        else:
+            log.warning("latency model: %s; serving at the safe allocation %d m, batch %d, and learning the "
+                        "model online (%s)", why, cpu_m, cfg.batch, status.reason)
+        if cfg.auto_profile:
+            prober = make_prober(cfg, core, scaler, policy, max_cpu_m)
+    on_decision = DecisionReporter(metrics, policy, prober)
     controller = Controller(policy, LiveView(core, scaler), LiveApplier(core, scaler, cfg.max_batch),
                             Decision(cpu_m, cfg.batch, cfg.replicas), cfg.interval_ms, clock=core.clock,
-                            on_decision=lambda e: (metrics.arrival_rate.set(e.arrival_rate_rps),
-                                                   metrics.decisions.labels(e.policy, str(e.feasible).lower()).inc()))
+                            on_decision=on_decision)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -132,13 +220,16 @@ def build_app(cfg: ServerConfig) -> FastAPI:
             metrics.threads.labels(r.name).set(r.threads)
         core.start()
         control_task = asyncio.create_task(controller.run(), name="controller")
+        probe_task = asyncio.create_task(prober.run(), name="idle-prober") if prober is not None else None
         log.info("serving %s (%s) on %d replica(s), %d m each, batch %d", model_name, model_path,
                  len(replicas), cpu_m, cfg.batch)
         try:
             yield
         finally:
             control_task.cancel()
-            await asyncio.gather(control_task, return_exceptions=True)
+            if probe_task is not None:
+                probe_task.cancel()
+            await asyncio.gather(control_task, *([probe_task] if probe_task else []), return_exceptions=True)
             await core.close()
             scaler.close()
 
