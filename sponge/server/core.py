@@ -227,7 +227,8 @@ class ServingCore:
         self.metrics.batch_size.labels(self.model_name).observe(images)
         self.metrics.batch_requests.labels(self.model_name).observe(len(pendings))
         self.metrics.batch_latency.labels(self.model_name).observe(result.infer_ms / 1000.0)
-        self.record_batch(BatchSample(images, cpu_m, float(result.infer_ms), self.clock()))
+        if self.cpu_m[replica.name] == cpu_m:  # a batch that straddled a resize measured two allocations
+            self.record_batch(BatchSample(images, cpu_m, float(result.infer_ms), self.clock()))
         offset = 0
         for p in pendings:
             part = {k: v[offset: offset + p.items] for k, v in result.outputs.items()}
