@@ -18,23 +18,20 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from serverproc import ADMIN_TOKEN, ServerProcess  # noqa: E402
-
-from sponge.config import ServerConfig  # noqa: E402
-from sponge.models.efficientnet_lite0 import default_model_path  # noqa: E402
-from sponge.server.serve import make_policy_for, obtain_latency_model  # noqa: E402
-from sponge.sim.engine import SimConfig, simulate  # noqa: E402
-from sponge.sim.inputs import RequestSet  # noqa: E402
-from sponge.sim.scenario import measured_noise_sigma  # noqa: E402
-from sponge.perf.profile_store import load_profile, profile_path_for  # noqa: E402
-from sponge.policy.sponge_opt import SpongeOptimizer  # noqa: E402
-from sponge.report.plots import plot_timelines  # noqa: E402
-from sponge.report.results import read_run  # noqa: E402
-from sponge.report.summary import format_table, summarize  # noqa: E402
-from sponge.workload.loadgen import run_load  # noqa: E402
-from sponge.workload.scenario import Scenario  # noqa: E402
+from sponge.config import ServerConfig
+from sponge.models.efficientnet_lite0 import default_model_path
+from sponge.perf.profile_store import load_profile, profile_path_for
+from sponge.policy.sponge_opt import SpongeOptimizer
+from sponge.report.plots import plot_timelines
+from sponge.report.results import read_run
+from sponge.report.summary import format_table, summarize
+from sponge.server.process import ADMIN_TOKEN, ServerProcess
+from sponge.server.serve import make_policy_for, obtain_latency_model
+from sponge.sim.engine import SimConfig, simulate
+from sponge.sim.inputs import RequestSet
+from sponge.sim.scenario import measured_noise_sigma
+from sponge.workload.loadgen import run_load
+from sponge.workload.scenario import Scenario
 
 
 def ensure_profile(model_path: Path, max_cpu_m: int):

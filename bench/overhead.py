@@ -17,13 +17,9 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from serverproc import ServerProcess  # noqa: E402
-
-from sponge.workload.httpclient import Conn, closed_loop  # noqa: E402
-
-from sponge.runtime.onnx_runtime import OnnxRuntime  # noqa: E402
+from sponge.runtime.onnx_runtime import OnnxRuntime
+from sponge.server.process import ServerProcess
+from sponge.workload.httpclient import Conn, closed_loop
 
 
 def pct(xs: list[float], q: float) -> float:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from markers import needs_data
 from sponge.perf import builtin_profiles as bp
 from sponge.perf.fit import (
     FitQuality,
@@ -228,6 +229,7 @@ def test_builtin_profile_loads(name: str) -> None:
     assert info.data["source"]["file"].endswith(".csv") and "least squares" in info.data["fit"]["method"]
 
 
+@needs_data
 @pytest.mark.parametrize("name", bp.builtin_profile_names())
 def test_builtin_profile_predicts_source_within_stated_error(name: str) -> None:
     shared = shared_data()
@@ -241,6 +243,7 @@ def test_builtin_profile_predicts_source_within_stated_error(name: str) -> None:
     assert q.r2 >= info.fit.r2 - 1e-6
 
 
+@needs_data
 def test_builtin_profiles_are_up_to_date() -> None:
     shared = shared_data()
     if shared is None:

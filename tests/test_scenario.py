@@ -18,13 +18,16 @@ from sponge.workload import loadgen
 from sponge.workload.scenario import Scenario, scenario_from_args
 
 
+# Cases reading a Twitter window or the Ghent log (the default network) need the traces; the last runs anywhere.
 FLAG_SETS = [
-    [],  # the defaults of both commands
-    ["--trace", "twitter:steady_high", "--duration-s", "40", "--scale", "0.44", "--seed", "3"],
-    ["--trace", "twitter:1301160-1301220", "--damping", "4", "--peak-rps", "20", "--rtt", "5gophers:verizon-west",
-     "--clients", "3", "--tx-rule", "exact", "--uplink-scale", "0.5", "--image-kib", "350", "--slo-ms", "800"],
-    ["--trace", "constant:12", "--duration-s", "30", "--arrivals", "uniform", "--client-offsets", "zero",
-     "--clients", "1", "--rtt", "25"],
+    pytest.param([], marks=needs_data),  # the defaults of both commands
+    pytest.param(["--trace", "twitter:steady_high", "--duration-s", "40", "--scale", "0.44", "--seed", "3"],
+                 marks=needs_data),
+    pytest.param(["--trace", "twitter:1301160-1301220", "--damping", "4", "--peak-rps", "20", "--rtt",
+                  "5gophers:verizon-west", "--clients", "3", "--tx-rule", "exact", "--uplink-scale", "0.5",
+                  "--image-kib", "350", "--slo-ms", "800"], marks=needs_data),
+    pytest.param(["--trace", "constant:12", "--duration-s", "30", "--arrivals", "uniform", "--client-offsets", "zero",
+                  "--clients", "1", "--rtt", "25"], marks=needs_data),
     ["--trace", "constant:9.5", "--duration-s", "20", "--network", "none", "--seed", "11"],
 ]
 
@@ -47,7 +50,6 @@ def _columns(plan) -> dict[str, np.ndarray]:
     return {k: np.array([getattr(r, k) for r in plan]) for k in ("send_ms", "slo_ms", "network_ms", "budget_ms")}
 
 
-@needs_data
 @pytest.mark.parametrize("flags", FLAG_SETS, ids=lambda f: " ".join(f) or "defaults")
 def test_load_and_simulate_parse_to_the_same_plan(flags: list[str]) -> None:
     live, sim = _load(flags), _simulate(flags)
@@ -78,9 +80,13 @@ def test_plan_with_network_is_deterministic_and_sizes_leave_arrivals_alone() -> 
     assert sum(r.network_ms for r in bigger) > sum(r.network_ms for r in a)
 
 
-@needs_data
-def test_simulate_replays_the_load_plan_end_to_end(tmp_path, capsys) -> None:
-    flags = ["--trace", "twitter:steady_low", "--duration-s", "30", "--seed", "2", "--slo-ms", "900"]
+@pytest.mark.parametrize("flags", [
+    pytest.param(["--trace", "twitter:steady_low", "--duration-s", "30", "--seed", "2", "--slo-ms", "900"],
+                 marks=needs_data, id="twitter"),
+    pytest.param(["--trace", "constant:8", "--duration-s", "30", "--seed", "2", "--slo-ms", "900", "--network", "none"],
+                 id="constant"),
+])
+def test_simulate_replays_the_load_plan_end_to_end(tmp_path, capsys, flags: list[str]) -> None:
     out = tmp_path / "sim"
     args = _args(sim_cli.register, ["simulate", *flags, "--policy", "static", "--static-cpu-m", "4000",
                                     "--no-oracle", "--out", str(out)])
@@ -121,6 +127,7 @@ def test_invalid_scenarios_are_refused() -> None:
         Scenario(trace="poisson:3").rate_trace()
 
 
+@needs_data
 def test_5gophers_rtt_accepts_hyphenated_carriers_and_optional_site():
     from sponge.workload.network import read_5gophers_rtt
 

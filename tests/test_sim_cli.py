@@ -1,4 +1,5 @@
-"""`sponge simulate` and `sponge experiment` end to end on short windows (the real traces, read in place)."""
+"""`sponge simulate` and `sponge experiment` end to end on short windows (the real traces, read in place,
+where present; a constant-rate scenario without network runs anywhere)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from sponge.report.results import read_run
 from sponge.sim import cli as sim_cli
 
 
-
 def _run(register, argv: list[str]) -> int:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="command", required=True)
@@ -22,10 +22,14 @@ def _run(register, argv: list[str]) -> int:
     return args.func(args)
 
 
-@needs_data
-def test_simulate_writes_runs_and_a_json_line(tmp_path, capsys):
+@pytest.mark.parametrize("scenario", [
+    pytest.param(["--trace", "twitter:steady_high", "--duration-s", "60", "--scale", "0.44"], marks=needs_data,
+                 id="twitter"),
+    pytest.param(["--trace", "constant:20", "--duration-s", "60", "--network", "none"], id="constant"),
+])
+def test_simulate_writes_runs_and_a_json_line(tmp_path, capsys, scenario):
     out = tmp_path / "sim"
-    rc = _run(sim_cli.register, ["simulate", "--trace", "twitter:steady_high", "--duration-s", "60", "--scale", "0.44",
+    rc = _run(sim_cli.register, ["simulate", *scenario,
                                  "--policy", "sponge,static,hpa", "--static-cpu-m", "8000", "--static-batch", "6",
                                  "--set", "sponge.headroom=0.2", "--out", str(out)])
     assert rc == 0

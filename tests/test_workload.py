@@ -1,10 +1,14 @@
-"""Workload traces, arrivals and network delay, checked against the figures in ../shared/data/README.md."""
+"""Workload traces, arrivals and network delay, checked against the figures in ../shared/data/README.md.
+
+Tests of the traces themselves are marked `needs_data` (they skip on a clone without the traces); the
+arrival, network-rule and cache tests use synthetic inputs and always run."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from markers import needs_data, require_data
 from sponge.workload import arrivals, network, requests, traces
 from sponge.workload.network import BandwidthTrace, MahimahiTrace, NetworkModel, RttModel
 from sponge.workload.traces import RateTrace
@@ -14,17 +18,20 @@ KIB = 1024
 
 @pytest.fixture(scope="module")
 def counts() -> np.ndarray:
+    require_data()
     return traces.twitter_2021_counts()  # parsed once, then cached (.npy + in-process)
 
 
 @pytest.fixture(scope="module")
 def ghent() -> BandwidthTrace:
+    require_data()
     return network.read_ghent_log()
 
 
 # --- Twitter 2021-08 -----------------------------------------------------------------------------
 
 
+@needs_data
 def test_twitter_whole_trace_stats(counts: np.ndarray) -> None:
     assert counts.size == 1_899_061
     assert int(counts.sum()) == 120_774_326
@@ -34,6 +41,7 @@ def test_twitter_whole_trace_stats(counts: np.ndarray) -> None:
     assert not counts.flags.writeable  # the shared cached array cannot be corrupted by a caller
 
 
+@needs_data
 def test_twitter_gaps(counts: np.ndarray) -> None:
     gaps = traces.find_gaps(counts)
     assert len(gaps) == 22
@@ -47,6 +55,7 @@ def test_twitter_gaps(counts: np.ndarray) -> None:
     assert (1_089_596, 150) in gaps
 
 
+@needs_data
 def test_bursty_window_matches_readme() -> None:
     w8 = traces.named_window("bursty", damping_factor=8)
     assert w8.duration_s == 1_200
@@ -61,11 +70,13 @@ def test_bursty_window_matches_readme() -> None:
         traces.named_window("nope")
 
 
+@needs_data
 def test_damping_is_barazmoons_int_division(counts: np.ndarray) -> None:
     w = traces.twitter_2021(1_000_000, 1_000_500, damping_factor=3, gaps="keep")
     assert w.rps.tolist() == [int(v / 3) for v in counts[1_000_000:1_000_500].tolist()]
 
 
+@needs_data
 def test_gap_modes_on_a_window_that_cuts_a_gap(counts: np.ndarray) -> None:
     s, n = 84_661, 1_739
     start, end = s + 1_000, s + n + 100  # starts inside the gap: the gap is still recognised
@@ -80,6 +91,7 @@ def test_gap_modes_on_a_window_that_cuts_a_gap(counts: np.ndarray) -> None:
     assert inside.min() >= lo - 1 and inside.max() <= hi and (inside > 0).all()
 
 
+@needs_data
 def test_twitter_2018_sponge_files() -> None:
     c = traces.twitter_2018("create")
     assert c.duration_s == 1_800 and c.total == 58_454
@@ -139,6 +151,7 @@ def test_poisson_counts_follow_rates() -> None:
 # --- network: Ghent, 5Gophers ----------------------------------------------------------------------
 
 
+@needs_data
 def test_ghent_throughput_stats(ghent: BandwidthTrace) -> None:
     mbps = ghent.bps / 1e6
     assert mbps.size == 607
@@ -148,6 +161,7 @@ def test_ghent_throughput_stats(ghent: BandwidthTrace) -> None:
     assert round(float(np.percentile(mbps, 5)), 1) == 10.6 and round(float(np.percentile(mbps, 95)), 1) == 46.4
 
 
+@needs_data
 @pytest.mark.parametrize("rule,tol", [("simple", 0), ("sponge", 1)])
 def test_ghent_transfer_percentiles(ghent: BandwidthTrace, rule: str, tol: int) -> None:
     """README B1 figures use S*8/bw; barazmoon's int(bytes/interval_ms) differs by under 1 ms."""
@@ -161,6 +175,7 @@ def test_ghent_transfer_percentiles(ghent: BandwidthTrace, rule: str, tol: int) 
         assert abs(round(pct(kib, q)) - ms) <= tol, (kib, q, pct(kib, q))
 
 
+@needs_data
 def test_5gophers_rtt_and_throughput() -> None:
     rtt = network.read_5gophers_rtt()
     assert rtt.size == 720
@@ -173,6 +188,7 @@ def test_5gophers_rtt_and_throughput() -> None:
         network.read_5gophers_rtt(carrier="AT&T")
 
 
+@needs_data
 def test_worked_example_budget_856(ghent: BandwidthTrace) -> None:
     rtt = RttModel.from_5gophers("T-Mobile", "East", median=True)
     median_link = BandwidthTrace.from_samples(np.array([26.8e6]))
@@ -209,6 +225,7 @@ def test_exact_rule_floors_zero_bandwidth() -> None:
     assert np.isfinite(link.tx_ms(0.0, 1_000, "simple"))
 
 
+@needs_data
 def test_exact_ge_simple_whenever_bandwidth_only_falls(ghent: BandwidthTrace) -> None:
     t = ghent.start_ms[:-1] + 500.0
     falls = ghent.bps[1:] <= ghent.bps[:-1]
@@ -256,6 +273,7 @@ def test_network_model_options() -> None:
 # --- the request plan ----------------------------------------------------------------------------
 
 
+@needs_data
 def test_generate_requests_deterministic_and_consistent(ghent: BandwidthTrace) -> None:
     trace = RateTrace(np.array([5.0, 10.0, 0.0, 20.0]), "t")
     nm = NetworkModel(ghent, rule="exact", rtt=RttModel.from_5gophers("Verizon", "East"))
@@ -273,6 +291,7 @@ def test_generate_requests_deterministic_and_consistent(ghent: BandwidthTrace) -
     assert len(none) == 35 and all(r.budget_ms == 750 for r in none)
 
 
+@needs_data
 def test_sponge_setup_reproduces_its_budget_spread(ghent: BandwidthTrace) -> None:
     """Offset 0, no RTT, barazmoon's rule: budgets are SLO minus the README's transfer times."""
     nm = NetworkModel(ghent, rule="sponge")
