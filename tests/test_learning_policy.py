@@ -33,9 +33,13 @@ class FakeLearner:
     def observe(self, sample: BatchSample) -> None:
         self.seen.append(sample)
 
-    def quality(self) -> Quality:
-        ok = len(self.seen) >= self.needed and not self.broken
-        return Quality(ok, f"{len(self.seen)}/{self.needed} samples")
+    max_heldout_p95: float = 0.5
+    heldout: float = 0.1
+
+    def quality(self, max_heldout_p95: float | None = None) -> Quality:
+        bound = self.max_heldout_p95 if max_heldout_p95 is None else max_heldout_p95
+        ok = len(self.seen) >= self.needed and not self.broken and self.heldout <= bound
+        return Quality(ok, f"{len(self.seen)}/{self.needed} samples, error {self.heldout:.0%} vs {bound:.0%}")
 
     def model(self) -> LatencyModel | None:
         return MODEL if len(self.seen) >= self.needed else None
@@ -108,3 +112,19 @@ def test_falls_back_to_safe_when_the_model_degrades() -> None:
     learner.broken = False
     pol.decide(obs(2000))
     assert pol.mode == "model" and pol.status().switches == 2
+
+
+def test_leaving_the_model_takes_a_larger_error_than_entering_it() -> None:
+    learner = FakeLearner(heldout=0.55)  # above the 50 % bound: not ready
+    pol = make(learner, [])
+    pol.decide(obs(0, tuple(sample(i) for i in range(3))))
+    assert pol.mode == "safe"
+    learner.heldout = 0.45
+    pol.decide(obs(1000))
+    assert pol.mode == "model"
+    learner.heldout = 0.7  # worse than the entry bound, within 1.5 x: keep deciding on the model
+    pol.decide(obs(2000))
+    assert pol.mode == "model"
+    learner.heldout = 0.8  # beyond 1.5 x 50 %: back to safe
+    d = pol.decide(obs(3000))
+    assert pol.mode == "safe" and "80%" in d.explanation

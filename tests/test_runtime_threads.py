@@ -145,3 +145,38 @@ def test_worker_reports_the_thread_count_in_force(monkeypatch: pytest.MonkeyPatc
         server.send(("stop",))
         worker.join(WAIT_S)
     assert not worker.is_alive()
+
+
+class _SlowRuntime(_LaggingRuntime):
+    started = threading.Event()
+
+    def infer(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.started.set()
+        time.sleep(0.2)
+        return {}
+
+
+def test_worker_exits_quietly_when_the_server_goes_away_mid_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shutdown with a batch in flight (e.g. an idle probe): the answer has no reader; the worker ends
+    without a BrokenPipeError traceback."""
+    import sponge.runtime.onnx_runtime as onnx_runtime
+    from sponge.runtime.worker import worker_main
+
+    monkeypatch.setattr(onnx_runtime, "OnnxRuntime", _SlowRuntime)
+    server, child = Pipe()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            worker_main(child, "unused.onnx", 1, 1, False)
+        except BaseException as exc:  # what would print a traceback in the replica process
+            errors.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    assert server.poll(WAIT_S) and server.recv()[0] == "ready"
+    server.send(("infer", 1, {}))
+    assert _SlowRuntime.started.wait(WAIT_S)
+    server.close()
+    worker.join(WAIT_S)
+    assert not worker.is_alive() and errors == []

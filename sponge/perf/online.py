@@ -261,12 +261,13 @@ class OnlineLatencyLearner:
         sizes and two CPU allocations. Check `quality().ready` before trusting it."""
         return self._current().model
 
-    def quality(self) -> LearnerQuality:
-        """Cells, coverage, held-out error and readiness (criterion: see the module docstring)."""
+    def quality(self, max_heldout_p95: float | None = None) -> LearnerQuality:
+        """Cells, coverage, held-out error and readiness (criterion: see the module docstring), judged
+        against `max_heldout_p95` if given (a caller's hysteresis: a looser bound to stay ready)."""
         f = self._current()
         if not f.judged:  # the held-out error is the expensive part: once per fit
             f.held, f.judged = self._heldout(f), True
-        return self._judge(f)
+        return self._judge(f, self.max_heldout_p95 if max_heldout_p95 is None else max_heldout_p95)
 
     def safety(self) -> float:
         """Deadline scale factor in [0.5, 0.95] that grows the margin with the measured error:
@@ -294,7 +295,7 @@ class OnlineLatencyLearner:
                         float(np.percentile(under, 95)), float(under.max()))
         return held
 
-    def _judge(self, f: _Fit) -> LearnerQuality:
+    def _judge(self, f: _Fit, bound: float) -> LearnerQuality:
         keys, held = f.keys, f.held
         n = len(keys)
         levels = len({k[1] for k in keys})
@@ -308,14 +309,14 @@ class OnlineLatencyLearner:
             problems.append(f"{sizes}/{self.min_batch_sizes} batch sizes")
         if held is None:
             problems.append("no held-out error yet")
-        elif not held[0] <= self.max_heldout_p95:
-            problems.append(f"held-out p95 error {held[0]:.0%} > {self.max_heldout_p95:.0%}")
+        elif not held[0] <= bound:
+            problems.append(f"held-out p95 error {held[0]:.0%} > {bound:.0%}")
         if problems:
             reason = "not ready: " + "; ".join(problems)
         else:
             assert held is not None
             reason = (f"ready: {n} cells over {levels} CPU levels and {sizes} batch sizes, held-out p95 error "
-                      f"{held[0]:.0%} <= {self.max_heldout_p95:.0%}")
+                      f"{held[0]:.0%} <= {bound:.0%}")
         return LearnerQuality(
             cells=n,
             cells_seen=len(self._cells),

@@ -43,25 +43,32 @@ def worker_main(conn: Connection, model_path: str, threads: int, max_threads: in
     if follow_own_limit:
         threading.Thread(target=_follow_own_limit, args=(runtime, stop), daemon=True).start()
     try:
-        while True:
-            try:
-                msg = conn.recv()
-            except EOFError:
-                return
-            kind = msg[0]
-            if kind == "infer":
-                _, batch_id, inputs = msg
-                t0 = time.perf_counter()
-                try:
-                    outputs = runtime.infer(inputs)
-                except Exception as exc:  # a bad batch must not kill the replica
-                    conn.send(("error", batch_id, f"{type(exc).__name__}: {exc}"))
-                    continue
-                infer_ms = (time.perf_counter() - t0) * 1000.0
-                conn.send(("result", batch_id, outputs, infer_ms, runtime.active_threads))
-            elif kind == "threads":
-                runtime.set_threads(int(msg[1]))
-            elif kind == "stop":
-                return
+        _serve(conn, runtime)
+    except (BrokenPipeError, ConnectionResetError):
+        return  # the server went away with a batch in flight (shutdown): its answer has no reader
     finally:
         stop.set()
+
+
+def _serve(conn: Connection, runtime: Any) -> None:
+    """Run batches until ('stop',) or the server closes the connection."""
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):  # the server closed its end: nothing left to serve
+            return
+        kind = msg[0]
+        if kind == "infer":
+            _, batch_id, inputs = msg
+            t0 = time.perf_counter()
+            try:
+                outputs = runtime.infer(inputs)
+            except Exception as exc:  # a bad batch must not kill the replica
+                conn.send(("error", batch_id, f"{type(exc).__name__}: {exc}"))
+                continue
+            infer_ms = (time.perf_counter() - t0) * 1000.0
+            conn.send(("result", batch_id, outputs, infer_ms, runtime.active_threads))
+        elif kind == "threads":
+            runtime.set_threads(int(msg[1]))
+        elif kind == "stop":
+            return

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -175,7 +176,10 @@ def make_prober(cfg: ServerConfig, core: ServingCore, scaler: ReplicaScaler, pol
 
 
 def build_app(cfg: ServerConfig) -> FastAPI:
+    t0 = time.monotonic()
     model_path, model_name = resolve_model(cfg)
+    t_model = time.monotonic()
+    log.info("model %s ready in %.1f s", model_path, t_model - t0)
     max_threads = len(os.sched_getaffinity(0))
     max_cpu_m = min(cfg.max_cpu_m or machine_cpu_m(), machine_cpu_m())
     cpu_m = min(cfg.cpu_m or max_cpu_m, max_cpu_m)
@@ -221,8 +225,8 @@ def build_app(cfg: ServerConfig) -> FastAPI:
         core.start()
         control_task = asyncio.create_task(controller.run(), name="controller")
         probe_task = asyncio.create_task(prober.run(), name="idle-prober") if prober is not None else None
-        log.info("serving %s (%s) on %d replica(s), %d m each, batch %d", model_name, model_path,
-                 len(replicas), cpu_m, cfg.batch)
+        log.info("serving %s (%s) on %d replica(s), %d m each, batch %d; ready %.1f s after the model file was",
+                 model_name, model_path, len(replicas), cpu_m, cfg.batch, time.monotonic() - t_model)
         try:
             yield
         finally:
