@@ -243,7 +243,7 @@ def test_dead_replica_fails_in_flight_with_5xx_and_restarts():
         img = preprocess(skimage.data.chelsea())[None]
         url = f"{srv.url}/v2/models/efficientnet-lite0/infer"
 
-        async def run():
+        async def run(pid: int):
             async with httpx.AsyncClient(timeout=60) as c:
                 body, headers = image_request(img, 60000, 0)
                 tasks = [asyncio.create_task(c.post(url, content=body, headers=headers)) for _ in range(100)]
@@ -251,17 +251,31 @@ def test_dead_replica_fails_in_flight_with_5xx_and_restarts():
                     await asyncio.sleep(0.01)  # kill only once work is queued behind the in-flight batch
                 os.kill(pid, signal.SIGKILL)
                 return await asyncio.gather(*tasks)
-        rs = asyncio.run(run())
-        codes = [r.status_code for r in rs]
-        assert 500 in codes, codes  # the in-flight batch failed fast, not hung
-        assert all(c in (200, 500) for c in codes)
-        assert "died" in next(r for r in rs if r.status_code == 500).json()["error"]
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            info = srv.admin("GET", "/admin/replicas").json()["replicas"][0]
-            if info["ready"] and info["pid"] != pid:
+
+        def restarted(old_pid: int) -> dict:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                info = srv.admin("GET", "/admin/replicas").json()["replicas"][0]
+                if info["ready"] and info["pid"] != old_pid:
+                    break
+                time.sleep(0.2)
+            return info
+
+        # On a busy host the kill can land between two batches (the front door, at ordinary CPU weight,
+        # is slow to send the next one): then nothing was in flight, every request is served by the
+        # restarted replica, and the kill is repeated on it (at most three times in all).
+        for _attempt in range(3):
+            rs = asyncio.run(run(pid))
+            codes = [r.status_code for r in rs]
+            assert all(c in (200, 500) for c in codes)
+            if 500 in codes:
                 break
-            time.sleep(0.2)
+            info = restarted(pid)
+            assert info["pid"] != pid, info
+            pid = info["pid"]
+        assert 500 in codes, codes  # the in-flight batch failed fast, not hung
+        assert "died" in next(r for r in rs if r.status_code == 500).json()["error"]
+        info = restarted(pid)
         assert info["pid"] != pid and info["restarts"] >= 1
         body, headers = image_request(img, 5000, 0)
         assert httpx.post(url, content=body, headers=headers, timeout=30).status_code == 200
