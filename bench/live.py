@@ -1,7 +1,11 @@
 """Live side-by-side run (issue 4): the default model on this machine, a Twitter window scaled to
 what 2 cores serve at peak, Ghent 4G budgets — static at all cores, static at the smallest allocation
-that holds the peak, `paper`, and `sponge`, one after another on the same replayed requests.
-Each is also simulated on the same requests with the measured profile (issue 5's validation).
+that holds the peak, `paper`, `sponge` (its online model seeded with the offline profile) and
+`sponge-online` (no profile: it starts at the safe allocation and learns the model while serving), one
+after another on the same replayed requests. Each but sponge-online is also simulated on the same
+requests, with the server's own policy factory and the profile's step model as the truth (issue 5's
+validation; the simulator has no idle prober, so an online start from nothing has no twin).
+Core-seconds are billed as the CPU in force over each interval, as applied, live and simulated alike.
 
 Usage: python bench/live.py [--duration-s 600] [--slo-ms 400] [--out runs/live]
 Prints a table and, last, one JSON line; writes the runs, a side-by-side timeline PNG and summary.
@@ -11,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import tempfile
 import os
 import sys
 import time
@@ -26,7 +32,8 @@ from sponge.report.plots import plot_timelines
 from sponge.report.results import read_run
 from sponge.report.summary import format_table, summarize
 from sponge.server.process import ADMIN_TOKEN, ServerProcess
-from sponge.server.serve import make_policy_for, obtain_latency_model
+from sponge.perf.profiler import default_cpu_grid, run_profile
+from sponge.server.serve import load_offline_profile, make_learning_policy, make_policy_for
 from sponge.sim.engine import SimConfig, simulate
 from sponge.sim.inputs import RequestSet
 from sponge.sim.scenario import measured_noise_sigma
@@ -35,11 +42,19 @@ from sponge.workload.scenario import Scenario
 
 
 def ensure_profile(model_path: Path, max_cpu_m: int):
-    """The profile `sponge serve` uses (loaded, or measured exactly as the server would)."""
+    """The offline profile `sponge serve` would seed its model with (loaded, or measured now as
+    `sponge profile` would; its cells are used whatever the four-term fit's quality)."""
     cfg = ServerConfig()
-    obtain_latency_model(cfg, model_path, max_cpu_m)
-    return load_profile(profile_path_for(model_path), model_path, min_r2=cfg.profile_min_r2,
-                        max_p95_rel_err=cfg.profile_max_error)
+    profile, why = load_offline_profile(cfg, model_path)
+    if profile is None:
+        print(f"{why}: measuring one now", flush=True)
+        run_profile(model_path, (1, 2, 4, 8), default_cpu_grid(max_cpu_m), reps=150, min_reps=4, cell_seconds=0.6,
+                    out=profile_path_for(model_path), progress=True, period_us=cfg.cfs_period_us,
+                    guaranteed=cfg.guaranteed, min_r2=-math.inf, max_p95_rel_err=math.inf)
+        profile, why = load_offline_profile(cfg, model_path)
+        if profile is None:
+            raise SystemExit(f"cannot obtain a profile: {why}")
+    return profile
 
 
 def smallest_static(model, scenario: Scenario, peak_rps: float, max_cpu_m: int, max_batch: int) -> tuple[int, int]:
@@ -61,7 +76,7 @@ def main() -> int:
                     help="peak load as a fraction of the model's best throughput at all cores (the rest of the "
                          "machine runs the HTTP server and this load generator)")
     ap.add_argument("--max-batch", type=int, default=16)
-    ap.add_argument("--policies", default="static-max,static-peak,paper,sponge")
+    ap.add_argument("--policies", default="static-max,static-peak,paper,sponge,sponge-online")
     ap.add_argument("--out", default="runs/live")
     args = ap.parse_args()
 
@@ -70,6 +85,7 @@ def main() -> int:
     model_path = default_model_path()
     profile = ensure_profile(model_path, max_cpu_m)
     m = profile.model
+    truth = profile.step_model or m  # what the simulator runs batches on: Sponge's model of this machine
     best = max(m.throughput_rps(b, max_cpu_m) for b in range(1, args.max_batch + 1))
     peak = round(args.peak_fraction * best, 1)
     scenario = Scenario(trace=f"twitter:{args.window}", peak_rps=peak, duration_s=args.duration_s,
@@ -87,12 +103,14 @@ def main() -> int:
         "static-peak": {"policy": "static", "cpu_m": static_cpu, "batch": static_b},
         "paper": {"policy": "paper", "cpu_m": max_cpu_m},
         "sponge": {"policy": "sponge", "cpu_m": max_cpu_m},
+        "sponge-online": {"policy": "sponge", "cpu_m": max_cpu_m,
+                          "profile": str(Path(tempfile.mkdtemp()) / "no-such.profile.json")},
     }
     out = Path(args.out)
     runs, sims = {}, {}
     noise = measured_noise_sigma(profile_path_for(model_path))
     for name in args.policies.split(","):
-        cfg = ServerConfig(**configs[name], max_batch=args.max_batch)
+        cfg = ServerConfig(**{k: v for k, v in configs[name].items() if k != "profile"}, max_batch=args.max_batch)
         flags = [x for k, v in configs[name].items() for x in (f"--{k.replace('_', '-')}", str(v))]
         print(f"\n== {name}: {' '.join(flags)} ({args.duration_s} s) ==", flush=True)
         srv = ServerProcess(*flags, "--max-batch", str(args.max_batch), "--log-level", "warning")
@@ -105,8 +123,11 @@ def main() -> int:
             srv.stop()
         reqs, tl, _ = read_run(out / name)
         runs[name] = (reqs, tl)
-        policy = make_policy_for(cfg, m, cfg.cpu_m, max_cpu_m)
-        sim = simulate(RequestSet.from_planned(scenario.plan()), m, policy,
+        if name == "sponge-online":
+            continue  # no twin: the simulator has no idle prober to learn a model from nothing
+        policy = (make_policy_for(cfg, None, cfg.cpu_m, max_cpu_m) if cfg.policy == "static"
+                  else make_learning_policy(cfg, profile, cfg.cpu_m, max_cpu_m))
+        sim = simulate(RequestSet.from_planned(scenario.plan()), truth, policy,
                        SimConfig(interval_ms=cfg.interval_ms, resize_delay_ms=5.0, noise_sigma=noise,
                                  max_wait_ms=cfg.max_batch_wait_ms, initial_cpu_m=start_cpu,
                                  initial_batch=start_batch, expiry=cfg.expiry_policy))
@@ -120,6 +141,8 @@ def main() -> int:
     print(f"{'':14}{'attainment live':>16}{'sim':>9}{'diff (pts)':>11}{'core-s live':>13}{'sim':>8}{'ratio':>7}")
     validation = {}
     for n, s in summaries.items():
+        if n not in sims:
+            continue
         sim_s = sims[n]
         validation[n] = {"attainment_live": s.attainment, "attainment_sim": sim_s.attainment,
                          "attainment_diff_pts": 100 * (sim_s.attainment - s.attainment),
