@@ -59,6 +59,7 @@ class LearningStatus:
     safety: float | None
     switches: int  # safe -> model transitions so far
     rebuilds: int  # inner policy rebuilt from a fresher model
+    switch_reason: str = ""  # the learner's verdict when the model last took over
 
 
 class LearningPolicy:
@@ -80,6 +81,7 @@ class LearningPolicy:
         self._switches = 0
         self._rebuilds = 0
         self._last_reason = "no batch observed yet"
+        self._switch_reason = ""
 
     @property
     def mode(self) -> str:
@@ -94,7 +96,8 @@ class LearningPolicy:
 
     def status(self) -> LearningStatus:
         q = self._quality()
-        return LearningStatus(self.mode, bool(q.ready), str(q.reason), self._safety, self._switches, self._rebuilds)
+        return LearningStatus(self.mode, bool(q.ready), str(q.reason), self._safety, self._switches, self._rebuilds,
+                              self._switch_reason)
 
     def observe(self, batches: Sequence[BatchSample]) -> None:
         for s in batches:
@@ -118,6 +121,7 @@ class LearningPolicy:
         if self.inner is None:
             self._build(obs.now_ms)
             self._switches += 1
+            self._switch_reason = str(q.reason)
             switched = f"switched to {self.name} on the learned model ({q.reason}; safety {self._safety:.2f}); "
         elif obs.now_ms - self._built_ms >= self.refresh_ms:
             self._build(obs.now_ms)

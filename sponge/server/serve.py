@@ -145,7 +145,7 @@ class DecisionReporter:
         if st.mode != self._mode:
             if st.mode == "model":
                 log.warning("controller runs %s on the learned latency model (%s; safety %.2f)", policy.name,
-                            st.reason, st.safety or float("nan"))
+                            st.switch_reason, st.safety or float("nan"))
             elif self._mode is not None:
                 log.warning("latency model no longer good enough (%s): back to the safe allocation", st.reason)
             self._mode = st.mode
