@@ -25,7 +25,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     for name, field in ServerConfig.model_fields.items():
         flag = "--" + name.replace("_", "-")
         typ, choices = _flag_type(field.annotation)
-        helptext = field.description or ""
+        helptext = (field.description or "").replace("%", "%%")  # argparse %-formats help strings
         if typ is bool:
             p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=helptext)
         else:
