@@ -7,14 +7,13 @@ log as `sponge load` fetches it); only the clock, the replica processes and the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 
 from sponge.control import Controller
 from sponge.perf.latency_model import LatencyModel
-from sponge.policy.types import Decision, Observation
+from sponge.policy.types import Decision
 from sponge.report.summary import core_seconds
 from sponge.scheduling.batcher import ExpiryPolicy
 from sponge.server.core import ServingCore
@@ -23,6 +22,7 @@ from sponge.server.metrics import Metrics
 from sponge.server.scaler import ReplicaScaler
 from sponge.sim import RequestSet, SimConfig, simulate
 from sponge.workload import loadgen
+from test_sim import Scripted
 
 
 class Clock:
@@ -67,15 +67,6 @@ class RoundingActuator:
         pass
 
 
-@dataclass
-class Scripted:
-    script: dict[float, Decision]
-    name: str = "scripted"
-    seen: list[Observation] = field(default_factory=list)
-
-    def decide(self, obs: Observation) -> Decision:
-        self.seen.append(obs)
-        return self.script.get(obs.now_ms, obs.current)
 
 
 def live_setup(policy, initial: Decision, replicas: int = 1, min_cpu_m: int = 200, max_cpu_m: int = 3000):
