@@ -128,3 +128,33 @@ def test_leaving_the_model_takes_a_larger_error_than_entering_it() -> None:
     learner.heldout = 0.8  # beyond 1.5 x 50 %: back to safe
     d = pol.decide(obs(3000))
     assert pol.mode == "safe" and "80%" in d.explanation
+
+
+def test_explores_on_the_provisional_model_when_measured_but_not_ready() -> None:
+    """Steady load, never idle: every batch at the safe 2000 m. The real learner is not ready (one CPU
+    level), yet the policy leaves 2000 m on its conservative provisional model — and never plans below
+    what that upper-bound model says meets the budgets."""
+    from sponge.perf.online import OnlineLatencyLearner
+
+    learner = OnlineLatencyLearner()
+    pol = LearningPolicy("sponge", learner, lambda m, s: make_policy(
+        "sponge", m, min_cpu_m=100, max_cpu_m=2000, max_batch=8, safety=s), SAFE)
+    d = pol.decide(obs(0))
+    assert pol.mode == "safe" and d.cpu_m == 2000  # nothing measured yet
+    served = tuple(BatchSample(b, 2000, 4.0 * b + 2.0, float(i)) for i in range(6) for b in (1, 4, 8))
+    d = pol.decide(obs(1000, served, rate=40.0))
+    assert pol.mode == "explore" and "exploring on the conservative provisional model" in d.explanation
+    assert not learner.quality().ready and 100 <= d.cpu_m < 2000
+    prov = learner.provisional_model()
+    assert prov is not None and prov.latency_ms(d.batch, d.cpu_m) <= 300.0  # budgets are 300 ms
+    assert prov.throughput_rps(d.batch, d.cpu_m) >= 40.0
+
+
+def test_without_exploration_it_stays_safe() -> None:
+    from sponge.perf.online import OnlineLatencyLearner
+
+    pol = LearningPolicy("sponge", OnlineLatencyLearner(), lambda m, s: make_policy(
+        "sponge", m, min_cpu_m=100, max_cpu_m=2000, max_batch=8, safety=s), SAFE, explore=False)
+    served = tuple(BatchSample(b, 2000, 4.0 * b + 2.0, float(i)) for i in range(6) for b in (1, 4, 8))
+    d = pol.decide(obs(1000, served, rate=40.0))
+    assert pol.mode == "safe" and d.cpu_m == 2000

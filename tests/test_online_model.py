@@ -379,3 +379,25 @@ def test_profile_stores_the_step_model_and_old_profiles_still_load(tmp_path) -> 
     path.write_text(json.dumps(raw))
     with pytest.raises(ProfileError, match="malformed"):
         load_profile(path, model_file)
+
+
+def test_provisional_model_bounds_every_measured_cell_and_scales_like_one_over_c() -> None:
+    lr = OnlineLatencyLearner()
+    assert lr.provisional_model() is None
+    truth = {1: 8.0, 4: 22.0, 8: 40.0}  # ms at 2000 m: intercept + per-image cost
+    for b, y in truth.items():
+        for i in range(6):
+            lr.observe(BatchSample(b, 2000, y * (1.0 + 0.01 * i), float(i)))
+    m = lr.provisional_model()
+    assert m is not None
+    for b, y in truth.items():
+        assert m.latency_ms(b, 2000) >= y * 1.05 - 1e-9  # above every cell's p95
+    assert m.latency_ms(8, 1000) == pytest.approx(2 * m.latency_ms(8, 2000))
+    assert m.latency_ms(1, 500) == pytest.approx(4 * m.latency_ms(1, 2000))
+    # More cells at another level: that level becomes c0.
+    for b in (1, 2, 4, 8):
+        for i in range(6):
+            lr.observe(BatchSample(b, 1000, 10.0 * b, 10.0 + i))
+    m2 = lr.provisional_model()
+    assert m2 is not None and m2.latency_ms(8, 1000) >= 80.0 and m2.latency_ms(8, 500) == pytest.approx(
+        2 * m2.latency_ms(8, 1000))

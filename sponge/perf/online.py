@@ -40,6 +40,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from sponge.perf.fit import ProfilePoint
+from sponge.perf.latency_model import LatencyModel
 from sponge.perf.samples import BatchSample
 from sponge.perf.step_model import DEFAULT_PRIOR_CELLS, StepLatencyModel, fit_coefficients, loco_predictions
 
@@ -260,6 +261,29 @@ class OnlineLatencyLearner:
         """The StepLatencyModel of the cells with >= min_samples samples; None until they span two batch
         sizes and two CPU allocations. Check `quality().ready` before trusting it."""
         return self._current().model
+
+    def provisional_model(self) -> LatencyModel | None:
+        """A conservative stand-in while the model is not ready: measurements at one CPU level c0 scaled
+        as if latency grew like 1/c below it, l(b, c) = (a*b + k) * c0 / c, with a = the largest
+        per-image p95 and k = the p95 of the smallest batch measured there — an upper bound on every
+        measured cell. CPU-bound work slows at most ~1/c when its quota shrinks (fewer runtime threads
+        slow it less: they stop contending), so a policy planning on it errs towards more CPU, and the
+        batches it serves at the new allocation are new cells: the served load itself explores the CPU
+        axis even when the server is never idle (no idle gap for the prober). c0 is the level with the
+        most cells (the highest among equals). None before any cell has min_samples samples."""
+        self._prune()
+        levels: dict[int, list[tuple[int, float]]] = {}
+        for (b, c), cell in self._cells.items():
+            if len(cell.lat) >= self.min_samples:
+                levels.setdefault(c, []).append((b, self._stat(cell)))
+        if not levels:
+            return None
+        c0 = max(levels, key=lambda c: (len(levels[c]), c))
+        cells = sorted(levels[c0])
+        a = max(y / b for b, y in cells)
+        k = cells[0][1]
+        cores0 = c0 / 1000.0
+        return LatencyModel(g=a * cores0, d=0.0, e=k * cores0, h=0.0)
 
     def quality(self, max_heldout_p95: float | None = None) -> LearnerQuality:
         """Cells, coverage, held-out error and readiness (criterion: see the module docstring), judged

@@ -3,8 +3,15 @@
 A server must not refuse to serve because its latency measurements were noisy: it is always measured
 under noise. `LearningPolicy` wraps a model-driven policy (sponge, paper, joint) and decides in two modes:
 
-- **safe**: until the online latency model is good enough, answer a fixed safe allocation (the full
-  allocation, or the operator's `--cpu-m`), saying why in the decision's explanation;
+- **safe**: until anything is measured, answer a fixed safe allocation (the full allocation, or the
+  operator's `--cpu-m`), saying why in the decision's explanation;
+- **explore**: measured, but the model is not good enough yet: the inner policy plans on the learner's
+  conservative provisional model (measured latencies scaled like 1/CPU below the level measured — an
+  upper bound) at the learner's safety (0.5 while its error is unknown). Without it a server under
+  steady load never learns: it is never idle for the prober and serves every batch at one allocation
+  (measured live: `sponge` started without a profile stayed at 2000 m for a whole 240 s run, 2.65x the
+  core-seconds of `sponge` seeded with a profile). The batches it serves at the allocations it picks
+  are the new cells the model needs;
 - **model**: once the learner reports `ready` (its stated criterion: enough cells over enough CPU levels
   and batch sizes, held-out error below a bound — see `sponge.perf.online`), build the inner policy from
   the learned model with the learner's `safety()` as the deadline margin, so the margin grows with the
@@ -40,6 +47,8 @@ class LatencyLearner(Protocol):
 
     def quality(self, max_heldout_p95: float | None = None) -> Any: ...
 
+    def provisional_model(self) -> Any: ...
+
     def model(self) -> Any: ...
 
     def safety(self) -> float: ...
@@ -53,7 +62,7 @@ PolicyFactory = Callable[[Any, float], Policy]
 class LearningStatus:
     """For logs and /metrics: which mode decides, and how good the model is."""
 
-    mode: str  # "safe" or "model"
+    mode: str  # "safe", "explore" or "model"
     ready: bool
     reason: str
     safety: float | None
@@ -66,7 +75,7 @@ class LearningPolicy:
     """Safe allocation until the learned model is good enough, then the inner policy on that model."""
 
     def __init__(self, name: str, learner: LatencyLearner, make_inner: PolicyFactory, safe: Decision,
-                 refresh_ms: float = DEFAULT_REFRESH_MS, keep_factor: float = 1.5) -> None:
+                 refresh_ms: float = DEFAULT_REFRESH_MS, keep_factor: float = 1.5, explore: bool = True) -> None:
         if refresh_ms <= 0 or keep_factor < 1:
             raise ValueError(f"need refresh_ms > 0 and keep_factor >= 1, got {refresh_ms}, {keep_factor}")
         self.keep_factor = keep_factor
@@ -82,10 +91,15 @@ class LearningPolicy:
         self._rebuilds = 0
         self._last_reason = "no batch observed yet"
         self._switch_reason = ""
+        self.explore = explore
+        self._explorer: Policy | None = None
+        self._explorer_ms = float("-inf")
 
     @property
     def mode(self) -> str:
-        return "safe" if self.inner is None else "model"
+        if self.inner is not None:
+            return "model"
+        return "explore" if self._explorer is not None else "safe"
 
     def _quality(self) -> Any:
         """The learner's judgement; while the model decides, against the looser bound that keeps it."""
@@ -117,7 +131,8 @@ class LearningPolicy:
             was_model = self.inner is not None
             self.inner = None
             why = "model no longer good enough" if was_model else "learning the latency model"
-            return replace(self.safe, explanation=f"safe allocation ({why}: {q.reason})")
+            return self._explore_or_safe(obs, f"{why}: {q.reason}")
+        self._explorer = None
         if self.inner is None:
             self._build(obs.now_ms)
             self._switches += 1
@@ -132,3 +147,16 @@ class LearningPolicy:
         assert self.inner is not None
         d = self.inner.decide(obs)
         return replace(d, explanation=f"{switched}{d.explanation}") if switched else d
+
+    def _explore_or_safe(self, obs: Observation, why: str) -> Decision:
+        """Plan on the provisional model if there is one (rebuilt every refresh_ms), else the safe allocation."""
+        provisional = getattr(self.learner, "provisional_model", None)
+        model = provisional() if (self.explore and provisional is not None) else None
+        if model is None:
+            self._explorer = None
+            return replace(self.safe, explanation=f"safe allocation ({why})")
+        if self._explorer is None or obs.now_ms - self._explorer_ms >= self.refresh_ms:
+            self._explorer = self.make_inner(model, float(self.learner.safety()))
+            self._explorer_ms = obs.now_ms
+        d = self._explorer.decide(obs)
+        return replace(d, explanation=f"exploring on the conservative provisional model ({why}): {d.explanation}")

@@ -43,7 +43,8 @@ class Metrics:
         self.arrival_rate = Gauge("sponge_arrival_rate_rps", "Arrival rate over the last interval", registry=r)
         # The online latency model (serve first, learn while serving): which mode decides, how good it is.
         self.controller_mode = Gauge("sponge_controller_mode", "1 for the mode deciding now: 'safe' (fixed safe "
-                                     "allocation while the latency model is learned) or 'model'", ["mode"], registry=r)
+                                     "allocation, nothing measured yet), 'explore' (planning on a conservative "
+                                     "provisional model while the latency model is learned) or 'model'", ["mode"], registry=r)
         self.model_ready = Gauge("sponge_latency_model_ready", "1 when the online latency model meets its "
                                  "readiness criterion", registry=r)
         self.model_error = Gauge("sponge_latency_model_heldout_error_ratio", "Held-out p95 relative error of "

@@ -136,7 +136,7 @@ class DecisionReporter:
     def _learning(self, policy: LearningPolicy) -> None:
         m, st = self.metrics, policy.status()
         q = policy.learner.quality()
-        for mode in ("safe", "model"):
+        for mode in ("safe", "explore", "model"):
             m.controller_mode.labels(mode).set(1 if st.mode == mode else 0)
         m.model_ready.set(1 if st.ready else 0)
         m.model_error.set(float(q.heldout_p95) if q.heldout_p95 is not None else float("nan"))
@@ -146,6 +146,9 @@ class DecisionReporter:
             if st.mode == "model":
                 log.warning("controller runs %s on the learned latency model (%s; safety %.2f)", policy.name,
                             st.switch_reason, st.safety or float("nan"))
+            elif st.mode == "explore":
+                log.warning("latency model not ready yet (%s): planning on its conservative provisional model",
+                            st.reason)
             elif self._mode is not None:
                 log.warning("latency model no longer good enough (%s): back to the safe allocation", st.reason)
             self._mode = st.mode
