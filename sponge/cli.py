@@ -35,11 +35,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from sponge.server.serve import run
+    from sponge.server.serve import StartupError, run
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
     cfg = ServerConfig.load(args.config, overrides)
-    run(cfg)
+    try:
+        run(cfg)
+    except StartupError as exc:
+        print(f"sponge: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -44,9 +45,13 @@ def classify_request(img: np.ndarray, slo_ms: float | None, network_ms: float | 
 def _classify(args: argparse.Namespace) -> int:
     path = sample_image(args.image[len("sample:"):]) if args.image.startswith("sample:") else Path(args.image)
     body, headers = classify_request(load_image(path), args.slo_ms, args.network_ms, args.top)
-    r = httpx.post(f"{args.url}/v2/models/{args.model}/infer", content=body, headers=headers, timeout=60)
+    try:
+        r = httpx.post(f"{args.url}/v2/models/{args.model}/infer", content=body, headers=headers, timeout=60)
+    except httpx.HTTPError as exc:
+        print(f"sponge: error: cannot reach {args.url}: {unreachable_reason(exc)}", file=sys.stderr)
+        return 1
     if r.status_code != 200:
-        print(f"HTTP {r.status_code}: {r.text}")
+        print(f"HTTP {r.status_code}: {r.text}", file=sys.stderr)
         return 1
     doc = r.json()
     for entry in doc["outputs"][0]["data"]:
@@ -54,6 +59,16 @@ def _classify(args: argparse.Namespace) -> int:
         print(f"{float(score):6.3f}  {label[0] if label else index}")
     print(json.dumps(doc["parameters"]))
     return 0
+
+
+def unreachable_reason(exc: httpx.HTTPError) -> str:
+    """A transport error in a few words: "connection refused", "timed out", ..."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, httpx.TimeoutException):
+        return "timed out"
+    if "refused" in text.lower():
+        return "connection refused"
+    return text.split("] ", 1)[-1].strip().lower() if text.startswith("[Errno") else text
 
 
 def register(sub: argparse._SubParsersAction) -> None:

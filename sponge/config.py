@@ -62,7 +62,10 @@ class ServerConfig(BaseModel):
         0.35, gt=0, description="sponge profile: refuse a profile whose p95 relative error is higher (the four-term "
         "model fits EfficientNet-Lite0 here to ~15-30 %: thread-count steps and CFS noise; bench/profile.py)")
     interval_ms: float = Field(1000.0, gt=0)
-    admin_token: str | None = Field(None, description="bearer token for /admin endpoints (unset: admin disabled)")
+    admin_token: str | None = Field(None, description="bearer token for /admin endpoints (unset: admin disabled); "
+                                    "visible in `ps` as a flag: prefer SPONGE_ADMIN_TOKEN or admin_token_file")
+    admin_token_file: str | None = Field(None, description="file holding the bearer token for /admin endpoints "
+                                         "(read once at start, surrounding whitespace stripped)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @classmethod
@@ -86,3 +89,20 @@ class ServerConfig(BaseModel):
 
 class ConfigError(ValueError):
     """Invalid configuration; the message names the field."""
+
+
+def resolve_admin_token(cfg: ServerConfig) -> str | None:
+    """The admin bearer token: `admin_token` (flag, SPONGE_ADMIN_TOKEN or config file) or the contents of
+    `admin_token_file`, stripped; not both. ConfigError names the field."""
+    if cfg.admin_token_file is None:
+        return cfg.admin_token
+    if cfg.admin_token is not None:
+        raise ConfigError("admin_token and admin_token_file are both set: choose one")
+    try:
+        token = Path(cfg.admin_token_file).expanduser().read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"admin_token_file: cannot read {cfg.admin_token_file}: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
+    if not token:
+        raise ConfigError(f"admin_token_file: {cfg.admin_token_file} is empty")
+    return token

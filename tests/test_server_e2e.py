@@ -45,14 +45,16 @@ def infer_json(x: np.ndarray, **params) -> dict:
 
 def test_metadata_and_health(trivial_server):
     s = trivial_server
-    assert httpx.get(f"{s.url}/v2/health/live").status_code == 200
-    assert httpx.get(f"{s.url}/v2/health/ready").status_code == 200
+    live, ready = httpx.get(f"{s.url}/v2/health/live"), httpx.get(f"{s.url}/v2/health/ready")
+    assert (live.status_code, live.json()) == (200, {"live": True})  # V2 bodies (KServe's client reads them)
+    assert (ready.status_code, ready.json()) == (200, {"ready": True})
     meta = httpx.get(f"{s.url}/v2").json()
     assert "binary_tensor_data" in meta["extensions"]
     m = httpx.get(f"{s.url}/v2/models/trivial").json()
     assert m["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 16]}]
-    assert httpx.get(f"{s.url}/v2/models/trivial/ready").status_code == 200
+    assert httpx.get(f"{s.url}/v2/models/trivial/ready").json() == {"name": "trivial", "ready": True}
     assert httpx.get(f"{s.url}/v2/models/nope").status_code == 404
+    assert httpx.get(f"{s.url}/no/such/route").json() == {"error": "no route /no/such/route"}
     spec = httpx.get(f"{s.url}/openapi.json").json()
     assert "/v2/models/{model_name}/infer" in spec["paths"]
 

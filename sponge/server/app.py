@@ -11,8 +11,11 @@ from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sponge import __version__
 from sponge.protocol import openapi_docs
@@ -99,19 +102,22 @@ def create_app(core: ServingCore, *, max_body_bytes: int, default_slo_ms: float,
     def ready() -> bool:
         return any(r.ready for r in core.replicas)
 
-    @app.get("/v2", tags=["v2"], summary="Server metadata")
+    @app.get("/v2", tags=["v2"], summary="Server metadata", responses=openapi_docs.SERVER_METADATA_RESPONSES)
     async def server_metadata() -> dict[str, Any]:
         return {"name": "sponge", "version": __version__, "extensions": EXTENSIONS}
 
-    @app.get("/v2/health/live", tags=["v2"], summary="Liveness")
+    @app.get("/v2/health/live", tags=["v2"], summary="Liveness", responses=openapi_docs.LIVE_RESPONSES)
     async def live() -> Response:
-        return Response(status_code=200)
+        return Response(b'{"live":true}', media_type="application/json")
 
-    @app.get("/v2/health/ready", tags=["v2"], summary="Readiness (a replica can serve)")
+    @app.get("/v2/health/ready", tags=["v2"], summary="Readiness (a replica can serve)",
+             responses=openapi_docs.READY_RESPONSES)
     async def server_ready() -> Response:
-        return Response(status_code=200 if ready() else 503)
+        ok = ready()
+        return Response(orjson.dumps({"ready": ok}), status_code=200 if ok else 503, media_type="application/json")
 
-    @app.get("/v2/models/{model_name}", tags=["v2"], summary="Model metadata")
+    @app.get("/v2/models/{model_name}", tags=["v2"], summary="Model metadata",
+             responses=openapi_docs.MODEL_METADATA_RESPONSES)
     @app.get("/v2/models/{model_name}/versions/{version}", tags=["v2"], include_in_schema=False)
     async def model_metadata(model_name: str, version: str | None = None) -> Response:
         if (resp := model_known(model_name)) is not None:
@@ -121,12 +127,15 @@ def create_app(core: ServingCore, *, max_body_bytes: int, default_slo_ms: float,
                "inputs": [_spec_doc(s) for s in r.inputs], "outputs": [_spec_doc(s) for s in r.outputs]}
         return Response(orjson.dumps(doc), media_type="application/json")
 
-    @app.get("/v2/models/{model_name}/ready", tags=["v2"], summary="Model readiness")
+    @app.get("/v2/models/{model_name}/ready", tags=["v2"], summary="Model readiness",
+             responses=openapi_docs.MODEL_READY_RESPONSES)
     @app.get("/v2/models/{model_name}/versions/{version}/ready", tags=["v2"], include_in_schema=False)
     async def model_ready(model_name: str, version: str | None = None) -> Response:
         if (resp := model_known(model_name)) is not None:
             return resp
-        return Response(status_code=200 if ready() else 503)
+        ok = ready()
+        return Response(orjson.dumps({"name": name, "ready": ok}), status_code=200 if ok else 503,
+                        media_type="application/json")
 
     @app.post("/v2/models/{model_name}/infer", tags=["v2"], summary="Inference",
               openapi_extra=openapi_docs.INFER_OPERATION)
@@ -198,7 +207,8 @@ def create_app(core: ServingCore, *, max_body_bytes: int, default_slo_ms: float,
         body_out, headers = encode_infer_response(name, None, req.id, outputs, params)
         return Response(body_out, headers=headers)
 
-    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response,  # not JSON
+             responses=openapi_docs.metrics_responses(CONTENT_TYPE_LATEST))
     async def prometheus() -> Response:
         metrics.queue_length.labels(name).set(len(core.queue))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -207,4 +217,58 @@ def create_app(core: ServingCore, *, max_body_bytes: int, default_slo_ms: float,
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:  # keep serving, say what broke
         return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
 
+    # Errors raised by the framework itself (unknown route, wrong method, a query parameter of the wrong
+    # type) answer in V2's shape `{"error": "..."}` too, not FastAPI's `{"detail": ...}`.
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no route {request.url.path}"
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            message = f"method {request.method} is not allowed on {request.url.path} (allowed: {allowed})"
+        return error(exc.status_code, message, dict(exc.headers) if exc.headers else None)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_parameter(request: Request, exc: RequestValidationError) -> Response:
+        return error(400, validation_message(exc))
+
+    app.openapi = lambda: v2_openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    """FastAPI's validation errors as one line naming each field: "query parameter 'since_ms': ..."."""
+    parts = []
+    for e in exc.errors():
+        loc = [str(x) for x in e.get("loc", ())]
+        where, field = (loc[0], ".".join(loc[1:])) if loc else ("request", "")
+        what = "body field" if where == "body" else f"{where} parameter"
+        parts.append(f"{what} '{field}': {e.get('msg', 'invalid')}" if field else f"{where}: {e.get('msg')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def v2_openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, with validation errors documented as they are answered (400 `{"error"}`, not
+    422 `{"detail"}`) and the admin bearer scheme declared."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    secured = False
+    for ops in spec.get("paths", {}).values():
+        for op in ops.values():
+            responses = op.get("responses", {})
+            if responses.pop("422", None) is not None:
+                responses.setdefault("400", openapi_docs.error_response("invalid parameter (the message names it)"))
+            secured = secured or "security" in op
+    schemas = spec.get("components", {}).get("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    if not schemas:
+        spec.get("components", {}).pop("schemas", None)
+    if secured:
+        spec.setdefault("components", {})["securitySchemes"] = openapi_docs.SECURITY_SCHEMES
+    if "components" in spec and not any(spec["components"].values()):
+        del spec["components"]
+    app.openapi_schema = spec
+    return spec

@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 
-ADMIN_TOKEN = "test-token"  # the default --admin-token: the server listens on loopback only
+ADMIN_TOKEN = "test-token"  # the default admin token: the server listens on loopback only
 READY_TIMEOUT_S = 90.0  # the first start may build the ONNX model; a busy host makes it slower
 STOP_GRACE_S = 20.0
 
@@ -71,8 +71,13 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(tempfile.gettempdir()) / f"sponge-server-{self.port}.log"
+        # The token goes in a file only this user can read (as an operator should pass it), not in argv.
+        self._token_path = Path(tempfile.gettempdir()) / f"sponge-server-{self.port}.token"
+        fd = os.open(self._token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.admin_token + "\n")
         cmd = [sys.executable, "-m", "sponge.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               "--admin-token", self.admin_token, *self._args]
+               "--admin-token-file", str(self._token_path), *self._args]
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self._env)
 
@@ -86,7 +91,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 self._close_log()
                 log = self.log_path.read_text()
-                if "address already in use" in log.lower():
+                if "address already in use" in log.lower() or f"port {self.port} on 127.0.0.1 is in use" in log:
                     raise _PortTaken()
                 raise RuntimeError(f"server exited ({self.proc.returncode}): {log}")
             try:
@@ -118,6 +123,9 @@ class ServerProcess:
         if self._log is not None:
             self._log.close()
             self._log = None
+        token_path = getattr(self, "_token_path", None)
+        if token_path is not None:  # read by the server at start; not needed once it has exited
+            token_path.unlink(missing_ok=True)
 
     def __enter__(self) -> ServerProcess:
         return self

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import math
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI
 
-from sponge.config import ConfigError, ServerConfig
+from sponge.config import ConfigError, ServerConfig, resolve_admin_token
 from sponge.control import Controller, DecisionLogEntry
 from sponge.perf.latency_model import LatencyModel
 from sponge.policy.baselines import StaticPolicy
@@ -46,7 +48,40 @@ def resolve_model(cfg: ServerConfig) -> tuple[Path, str]:
     path = Path(cfg.model).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"--model: no such file: {path}")
+    check_onnx_file(path)
     return path, cfg.model_name or path.stem
+
+
+def check_onnx_file(path: Path) -> None:
+    """Refuse a file that is not an ONNX model (ConfigError, one line) before anything is spawned or
+    created: replicas, cgroups. Parsing only; a model ONNX Runtime cannot run still fails at start."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError, or whatever else a random file provokes
+        raise ConfigError(f"--model: {path} is not an ONNX model ({type(exc).__name__}: {exc})") from None
+    if model.ir_version <= 0 or not model.graph.output:
+        raise ConfigError(f"--model: {path} is not an ONNX model (no IR version or no graph outputs)")
+
+
+class StartupError(RuntimeError):
+    """The server cannot start (e.g. its port is taken); the message says why in one line."""
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Bind host:port for a moment as uvicorn will (SO_REUSEADDR), before any replica is spawned."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise StartupError(f"port {port} on {host} is in use") from None
+            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def machine_cpu_m() -> int:
@@ -180,7 +215,8 @@ def make_prober(cfg: ServerConfig, core: ServingCore, scaler: ReplicaScaler, pol
 
 def build_app(cfg: ServerConfig) -> FastAPI:
     t0 = time.monotonic()
-    model_path, model_name = resolve_model(cfg)
+    admin_token = resolve_admin_token(cfg)
+    model_path, model_name = resolve_model(cfg)  # validated before any actuator (cgroup) exists
     t_model = time.monotonic()
     log.info("model %s ready in %.1f s", model_path, t_model - t0)
     max_threads = len(os.sched_getaffinity(0))
@@ -243,7 +279,7 @@ def build_app(cfg: ServerConfig) -> FastAPI:
     app = create_app(core, max_body_bytes=cfg.max_body_bytes, default_slo_ms=cfg.default_slo_ms,
                      max_clock_skew_ms=cfg.max_clock_skew_ms, max_request_batch=cfg.max_request_batch,
                      lifespan=lifespan)
-    install_admin(app, core, cfg.admin_token, scaler, controller)
+    install_admin(app, core, admin_token, scaler, controller, max_batch=cfg.max_batch)
     app.state.scaler = scaler
     return app
 
@@ -252,6 +288,7 @@ def run(cfg: ServerConfig) -> None:
     import uvicorn
 
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    check_port_free(cfg.host, cfg.port)  # before anything is spawned: a taken port is one line, not a crash
     app = build_app(cfg)
     # Keep idle client connections for 75 s (like common proxies), not uvicorn's 5 s: clients that
     # send every few seconds would otherwise race the server closing their connection.

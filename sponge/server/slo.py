@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -11,6 +12,10 @@ from sponge.protocol.v2 import ProtocolError
 
 MAX_SLO_MS = 3_600_000.0  # one hour: anything longer is a unit mistake, not an objective
 HEADER_OF = {"slo_ms": "x-sponge-slo-ms", "network_ms": "x-sponge-network-ms", "sent_at": "x-sponge-sent-at"}
+# A header's number: plain decimal (what the OpenAPI document's pattern says), not Python's float() syntax
+# ("1_000", "inf", "nan" are refused).
+DECIMAL_PATTERN = r"^[+-]?([0-9]+([.][0-9]*)?|[.][0-9]+)([eE][+-]?[0-9]+)?$"
+_DECIMAL = re.compile(DECIMAL_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -24,20 +29,21 @@ class Budget:
 def _number(value: Any, field: str) -> float:
     if isinstance(value, bool):
         raise ProtocolError(f"'{field}' must be a number, got a boolean")
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise ProtocolError(f"'{field}' must be a number, got {value!r}") from None
+    if isinstance(value, str):  # only a header carries its number as text
+        if not field.startswith("header ") or not _DECIMAL.match(value.strip()):
+            raise ProtocolError(f"'{field}' must be a number, got {value!r}")
+        value = float(value)
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ProtocolError(f"'{field}' must be a finite number, got {value!r}")
     return float(value)
 
 
 def _lookup(params: Mapping[str, Any], headers: Mapping[str, str], key: str) -> tuple[Any, str] | None:
-    if key in params:
-        return params[key], f"parameters.{key}"
     h = HEADER_OF[key]
+    if key in params:
+        if h in headers:  # the parameter wins, but a malformed header is still an error
+            _number(headers[h], f"header {h}")
+        return params[key], f"parameters.{key}"
     if h in headers:
         return headers[h], f"header {h}"
     return None
