@@ -30,6 +30,10 @@ class ServerConfig(BaseModel):
     queue_capacity: int = Field(1024, ge=1, le=1_000_000)
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     max_request_batch: int = Field(64, ge=1, description="largest batch one request may carry")
+    max_request_elements: int | None = Field(
+        None, ge=1, description="most elements one input tensor of a request may declare (413 beyond); "
+        "default: max_request_batch x the model's per-item size, and for dimensions the model leaves free "
+        "(-1) whatever max_body_bytes can carry")
     batch: int = Field(8, ge=1, le=1024, description="batch size (the controller may change it)")
     max_batch: int = Field(32, ge=1, le=1024, description="largest batch the controller may choose")
     max_batch_wait_ms: float = Field(

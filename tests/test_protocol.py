@@ -1,12 +1,14 @@
 """V2 codecs: JSON tensors, the binary tensor extension, and errors that name the field."""
 
 import struct
+import time
 
 import numpy as np
 import orjson
 import pytest
 
 from sponge.protocol.v2 import (
+    Limits,
     ProtocolError,
     check_inputs,
     classify,
@@ -127,3 +129,46 @@ def test_classification_extension_top_k_with_labels():
     out = classify(scores, 2, ["cat", "dog", "cup"])
     assert out.shape == (1, 2)
     assert out[0, 0].decode().endswith(":1:dog") and out[0, 1].decode().endswith(":2:cup")
+
+
+# ---- declared sizes are checked before anything is allocated (issue 9) ----------------------------
+LIMITS = Limits(SPECS, max_batch=8)
+
+
+def _declared(shape, datatype="FP32", name="x", **extra):
+    return body({"inputs": [{"name": name, "shape": shape, "datatype": datatype, **extra}]})
+
+
+@pytest.mark.parametrize("raw, status, words", [
+    (_declared([1, 4], "BYTES", data=["a"]), 400, "'inputs[0].datatype': input 'x' has datatype BYTES"),
+    (_declared([1, 4], name="z", data=[1] * 4), 400, "'inputs[0].name': input 'z' is not an input"),
+    (_declared([1, 2**40], data=[1]), 400, "'inputs[0].shape': input 'x' has shape [1, 1099511627776]"),
+    (_declared([2**40, 4], data=[1]), 413, "'inputs[0].shape': request batch 1099511627776 exceeds"),
+    (_declared([1] * 33, data=[1]), 400, "33 dimensions"),
+])
+def test_declared_tensor_is_checked_against_the_model_before_its_data(raw, status, words):
+    with pytest.raises(ProtocolError) as err:
+        parse_infer_request(raw, None, LIMITS)
+    assert err.value.status == status and words in err.value.message
+
+
+def test_element_cap_applies_to_free_dimensions():
+    free = Limits([TensorSpec("v", "FP32", (-1, -1))], max_batch=8, max_elements=100)
+    assert parse_infer_request(_declared([2, 50], name="v", data=[0] * 100), None, free).inputs["v"].shape == (2, 50)
+    with pytest.raises(ProtocolError, match=r"'inputs\[0\].shape' \[2, 51\] declares 102 elements.*of 100") as err:
+        parse_infer_request(_declared([2, 51], name="v", data=[0] * 102), None, free)
+    assert err.value.status == 413
+
+
+def test_binary_bytes_count_is_bounded_by_the_bytes_present():
+    """The issue's 113-byte bomb: 300 million elements declared, 8 bytes sent. Refused before the
+    object array (8 bytes per declared element) is built."""
+    h = orjson.dumps({"inputs": [{"name": "s", "shape": [300_000_000], "datatype": "BYTES",
+                                  "parameters": {"binary_data_size": 8}}]})
+    t0 = time.perf_counter()
+    with pytest.raises(ProtocolError, match=r"declares 300000000 BYTES elements but .* can hold at most 2"):
+        parse_infer_request(h + b"\0" * 8, len(h))
+    assert time.perf_counter() - t0 < 0.5
+    with pytest.raises(ProtocolError, match="binary_data_size' must be a non-negative integer"):
+        h2 = h.replace(b"8}", b"true}")  # a boolean is not a size (True == 1 to isinstance(_, int))
+        parse_infer_request(h2 + b"\0", len(h2))

@@ -20,6 +20,7 @@ import orjson
 from sponge.runtime.base import TensorSpec
 
 HEADER_LENGTH = "inference-header-content-length"
+MAX_DIMS = 32  # dimensions of one tensor: numpy's own limit is 64, no model input has more than a few
 
 DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
@@ -46,6 +47,9 @@ class ProtocolError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+    def __reduce__(self) -> tuple[type, tuple[str, int]]:  # keep the status across a process boundary
+        return (type(self), (self.message, self.status))
 
 
 @dataclass
@@ -79,25 +83,67 @@ def _obj(value: Any, where: str) -> dict[str, Any]:
 def _shape(value: Any, where: str) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in value):
         raise ProtocolError(f"'{where}' must be a list of integers")
+    if len(value) > MAX_DIMS:  # numpy refuses more at reshape time (a 500 otherwise)
+        raise ProtocolError(f"'{where}' has {len(value)} dimensions, more than the {MAX_DIMS} allowed")
     if any(d < 0 for d in value):
         raise ProtocolError(f"'{where}' has a negative dimension: {value}")
     return tuple(value)
 
 
-def _decode_bytes_elements(blob: bytes, count: int, where: str) -> np.ndarray:
+@dataclass(frozen=True)
+class Limits:
+    """What the server accepts. Every size a request declares is checked against these before any
+    buffer is built for it, so a 100-byte request cannot make the server allocate gigabytes."""
+
+    specs: Sequence[TensorSpec] | None = None  # the model's inputs (names, datatypes, dims; -1 = any)
+    max_batch: int | None = None  # rows on the first axis of one request
+    max_elements: int | None = None  # elements of one input tensor (matters where the model has -1 dims)
+
+
+def _check_declared(i: int, name: str, datatype: str, shape: tuple[int, ...], limits: Limits) -> int:
+    """Refuse a declared tensor the model or the server's caps cannot take; returns its element count.
+    Runs before the tensor's data is looked at, so nothing has been allocated for it yet."""
+    where = f"inputs[{i}]"
+    if limits.specs is not None:
+        spec = next((s for s in limits.specs if s.name == name), None)
+        if spec is None:
+            raise ProtocolError(f"'{where}.name': input '{name}' is not an input of this model "
+                                f"(expected {sorted(s.name for s in limits.specs)})")
+        if datatype != spec.datatype:
+            raise ProtocolError(f"'{where}.datatype': input '{name}' has datatype {datatype} "
+                                f"but the model expects {spec.datatype}")
+        if len(shape) != len(spec.shape) or any(w != -1 and w != g for w, g in zip(spec.shape, shape)):
+            raise ProtocolError(f"'{where}.shape': input '{name}' has shape {list(shape)} "
+                                f"but the model expects {list(spec.shape)} (-1 = any)")
+    if limits.max_batch is not None and shape and shape[0] > limits.max_batch:
+        raise ProtocolError(f"'{where}.shape': request batch {shape[0]} exceeds the server's maximum of "
+                            f"{limits.max_batch}", 413)
+    count = math.prod(shape)
+    if limits.max_elements is not None and count > limits.max_elements:
+        raise ProtocolError(f"'{where}.shape' {list(shape)} declares {count} elements, more than the server's "
+                            f"limit of {limits.max_elements} per input", 413)
+    return count
+
+
+def _decode_bytes_elements(blob: memoryview, count: int, where: str) -> np.ndarray:
+    """Length-prefixed BYTES elements. The caller has checked that `blob` can hold `count` prefixes,
+    so the array allocated here is bounded by the bytes actually received."""
+    size = len(blob)
+    if count * 4 > size:  # also here: never allocate for elements that cannot be present
+        raise ProtocolError(f"'{where}': {count} BYTES elements need at least {4 * count} bytes, got {size}")
     out = np.empty(count, dtype=object)
     pos = 0
     for i in range(count):
-        if pos + 4 > len(blob):
+        if pos + 4 > size:
             raise ProtocolError(f"'{where}': binary BYTES data ends inside element {i}")
         (n,) = struct.unpack_from("<I", blob, pos)
         pos += 4
-        if pos + n > len(blob):
+        if pos + n > size:
             raise ProtocolError(f"'{where}': binary BYTES element {i} is longer than the data")
-        out[i] = blob[pos : pos + n]
+        out[i] = bytes(blob[pos : pos + n])
         pos += n
     if pos != len(blob):
-        raise ProtocolError(f"'{where}': {len(blob) - pos} trailing bytes after {count} BYTES elements")
+        raise ProtocolError(f"'{where}': {size - pos} trailing bytes after {count} BYTES elements")
     return out
 
 
@@ -110,8 +156,8 @@ def _encode_bytes_elements(arr: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def _json_tensor(data: Any, shape: tuple[int, ...], datatype: str, where: str) -> np.ndarray:
-    count = math.prod(shape)
+def _json_tensor(data: Any, shape: tuple[int, ...], count: int, datatype: str, where: str) -> np.ndarray:
+    """A tensor from JSON `data`; the arrays built are bounded by the data present, never by `shape`."""
     if datatype == "BYTES":
         flat = _flatten(data)
         if len(flat) != count:
@@ -147,8 +193,10 @@ def _flatten(data: Any) -> list[Any]:
     return out
 
 
-def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
-    """Decode a V2 infer request body (JSON, or JSON header + binary tensors)."""
+def parse_infer_request(body: bytes, header_length: int | None, limits: Limits | None = None) -> InferRequest:
+    """Decode a V2 infer request body (JSON, or JSON header + binary tensors). With `limits`, every
+    declared tensor is checked against the model and the server's caps before its data is decoded."""
+    limits = limits or Limits()
     if header_length is not None:
         if header_length < 0 or header_length > len(body):
             raise ProtocolError(
@@ -181,9 +229,10 @@ def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
         if name in inputs:
             raise ProtocolError(f"{where}: input given twice")
         datatype = raw.get("datatype")
-        if datatype not in DTYPES:
+        if not isinstance(datatype, str) or datatype not in DTYPES:  # a list is unhashable: check the type first
             raise ProtocolError(f"'{where}.datatype' must be one of {sorted(DTYPES)}, got {datatype!r}")
         shape = _shape(raw.get("shape"), f"{where}.shape")
+        count = _check_declared(i, name, datatype, shape, limits)
         tparams = _obj(raw.get("parameters", {}), f"{where}.parameters")
         size = tparams.get("binary_data_size")
         if size is not None:
@@ -192,7 +241,7 @@ def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
                     f"'{where}.parameters.binary_data_size' is set but the request has no "
                     "'Inference-Header-Content-Length' header"
                 )
-            if not isinstance(size, int) or size < 0:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise ProtocolError(f"'{where}.parameters.binary_data_size' must be a non-negative integer")
             if offset + size > len(binary):
                 raise ProtocolError(
@@ -201,9 +250,14 @@ def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
                 )
             blob = binary[offset : offset + size]
             offset += size
-            count = math.prod(shape)
             if datatype == "BYTES":
-                arr = _decode_bytes_elements(bytes(blob), count, where).reshape(shape)
+                if count > size // 4:  # each element has a 4-byte length prefix: refuse before allocating
+                    raise ProtocolError(
+                        f"'{where}.shape' {list(shape)} declares {count} BYTES elements but "
+                        f"'{where}.parameters.binary_data_size' {size} can hold at most {size // 4} "
+                        "(4-byte length prefix each)"
+                    )
+                arr = _decode_bytes_elements(blob, count, where).reshape(shape)
             else:
                 expected = count * DTYPES[datatype].itemsize
                 if size != expected:
@@ -215,7 +269,7 @@ def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
         else:
             if "data" not in raw:
                 raise ProtocolError(f"'{where}.data' is missing (and no binary_data_size given)")
-            arr = _json_tensor(raw["data"], shape, datatype, where)
+            arr = _json_tensor(raw["data"], shape, count, datatype, where)
         inputs[name] = arr
     if offset != len(binary):
         raise ProtocolError(
@@ -269,6 +323,22 @@ def check_inputs(inputs: dict[str, np.ndarray], specs: Sequence[TensorSpec], max
     if batch > max_batch:
         raise ProtocolError(f"request batch {batch} exceeds the server's maximum of {max_batch}")
     return batch
+
+
+def decode_request(body: bytes, header_length: int | None, limits: Limits,
+                   outputs: Sequence[TensorSpec]) -> tuple[InferRequest, int]:
+    """Parse a request and validate it against the model (`limits.specs`, `limits.max_batch` required)
+    and its requested outputs: pure CPU work, runnable on a worker thread or process. Returns the
+    request and its batch size (images)."""
+    if limits.specs is None or limits.max_batch is None:
+        raise ValueError("decode_request needs the model's input specs and max_batch")
+    req = parse_infer_request(body, header_length, limits)
+    items = check_inputs(req.inputs, limits.specs, limits.max_batch)
+    out_names = {s.name for s in outputs}
+    for o in req.outputs:
+        if o.name not in out_names:
+            raise ProtocolError(f"output '{o.name}' is not an output of this model (expected {sorted(out_names)})")
+    return req, items
 
 
 def classify(scores: np.ndarray, k: int, labels: Sequence[str] | None) -> np.ndarray:

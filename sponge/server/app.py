@@ -6,8 +6,10 @@ Thin on purpose: parsing/encoding lives in sponge.protocol, admission and batchi
 from __future__ import annotations
 
 import asyncio
+import re
 import time
-from typing import Any
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
 
 import orjson
 from fastapi import FastAPI, Request
@@ -21,17 +23,18 @@ from sponge import __version__
 from sponge.protocol import openapi_docs
 from sponge.protocol.v2 import (
     HEADER_LENGTH,
+    Limits,
     ProtocolError,
-    check_inputs,
     classify,
     encode_infer_response,
-    parse_infer_request,
 )
 from sponge.runtime.base import TensorSpec
 from sponge.server.core import DeadlineExpired, InferenceFailed, Pending, Served, ServerBusy, ServingCore
+from sponge.server.decode import BodyDecoder, DecoderFailed
 from sponge.server.slo import request_budget
 
 EXTENSIONS = ["binary_tensor_data", "classification", "sponge_dynamic_slo"]
+_UINT = re.compile(r"[0-9]{1,18}")  # ASCII digits only: str.isdigit() accepts '²', which int() refuses
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
@@ -50,7 +53,8 @@ class BodyTooLarge(Exception):
 async def read_body(request: Request, limit: int) -> bytes:
     """Read the body, refusing (413) beyond `limit` bytes without buffering the excess."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and (
+            len(declared) > 18 or int(declared) > limit):
         raise BodyTooLarge(f"body of {declared} bytes exceeds the limit of {limit} bytes")
     chunks: list[bytes] = []
     size = 0
@@ -60,6 +64,16 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise BodyTooLarge(f"body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def header_length(value: str | None) -> int | None:
+    """The `Inference-Header-Content-Length` header as an int (400 unless plain ASCII digits)."""
+    if value is None:
+        return None
+    if not _UINT.fullmatch(value.strip()):
+        raise ProtocolError("header 'Inference-Header-Content-Length' must be a non-negative integer, "
+                            f"got {value[:40]!r}")
+    return int(value)
 
 
 async def wait_for_disconnect(request: Request) -> None:
@@ -87,12 +101,27 @@ async def served_unless_gone(core: ServingCore, pending: Pending, request: Reque
 
 
 def create_app(core: ServingCore, *, max_body_bytes: int, default_slo_ms: float, max_clock_skew_ms: float,
-               max_request_batch: int, lifespan: Any = None) -> FastAPI:
-    app = FastAPI(title="Sponge", version=__version__, lifespan=lifespan,
+               max_request_batch: int, max_request_elements: int | None = None,
+               decoder: BodyDecoder | None = None, lifespan: Any = None) -> FastAPI:
+    decoder = decoder or BodyDecoder()
+
+    @asynccontextmanager
+    async def lifespan_and_decoder(app: FastAPI) -> AsyncIterator[Any]:
+        try:
+            if lifespan is None:
+                yield None
+            else:
+                async with lifespan(app) as state:
+                    yield state
+        finally:
+            decoder.close()
+
+    app = FastAPI(title="Sponge", version=__version__, lifespan=lifespan_and_decoder,
                   description="Open Inference Protocol (V2) server with per-request dynamic SLOs.")
     app.state.core = core
     name = core.model_name
     metrics = core.metrics
+    app.state.decoder = decoder
 
     def model_known(model_name: str) -> Response | None:
         if model_name != name:
@@ -153,21 +182,18 @@ def create_app(core: ServingCore, *, max_body_bytes: int, default_slo_ms: float,
             return error(413, str(exc))
         replica = core.replicas[0]
         try:
-            hl = request.headers.get(HEADER_LENGTH)
-            if hl is not None and not hl.strip().isdigit():
-                raise ProtocolError(f"header 'Inference-Header-Content-Length' must be an integer, got {hl!r}")
-            req = parse_infer_request(body, int(hl) if hl is not None else None)
-            items = check_inputs(req.inputs, replica.inputs, max_request_batch)
-            out_names = {s.name for s in replica.outputs}
-            for o in req.outputs:
-                if o.name not in out_names:
-                    raise ProtocolError(f"output '{o.name}' is not an output of this model "
-                                        f"(expected {sorted(out_names)})")
+            hl = header_length(request.headers.get(HEADER_LENGTH))
+            limits = Limits(replica.inputs, max_request_batch, max_request_elements)
+            # a large body off the event loop: liveness and small requests are answered meanwhile
+            req, items = await decoder.decode(body, hl, limits, replica.outputs)
             budget = request_budget(req.parameters, request.headers, arrival_ms, arrival_wall_s,
                                     default_slo_ms, max_clock_skew_ms)
         except ProtocolError as exc:
             metrics.requests.labels(name, "invalid").inc()
             return error(exc.status, exc.message)
+        except DecoderFailed as exc:
+            metrics.requests.labels(name, "error").inc()
+            return error(500, str(exc))
         metrics.budget.labels(name).observe(max(0.0, budget.budget_ms) / 1000.0)
         try:
             pending = core.submit(req.inputs, items, budget, arrival_ms)

@@ -278,7 +278,7 @@ def build_app(cfg: ServerConfig) -> FastAPI:
 
     app = create_app(core, max_body_bytes=cfg.max_body_bytes, default_slo_ms=cfg.default_slo_ms,
                      max_clock_skew_ms=cfg.max_clock_skew_ms, max_request_batch=cfg.max_request_batch,
-                     lifespan=lifespan)
+                     max_request_elements=cfg.max_request_elements, lifespan=lifespan)
     install_admin(app, core, admin_token, scaler, controller, max_batch=cfg.max_batch)
     app.state.scaler = scaler
     return app
