@@ -682,12 +682,21 @@ def test_large_json_body_is_decoded_in_a_child_process(monkeypatch, tmp_path):
                 assert app.state.decoder.counts == {"inline": 0, "thread": 0, "process": 2}
         finally:
             await core.close()
-            app.state.decoder.close()
+            await app.state.decoder.aclose()  # what the app's lifespan does at shutdown
         child = int((tmp_path / "started").read_text())
         deadline = time.monotonic() + 10
         while running(child):  # close() stops the child
             assert time.monotonic() < deadline, f"decoder process {child} still running after close()"
             await asyncio.sleep(0.02)
+    asyncio.run(run())
+
+
+def test_the_app_lifespan_stops_the_decoder():
+    async def run() -> None:
+        _, app = make("A")
+        async with app.router.lifespan_context(app):
+            assert not app.state.decoder.closed
+        assert app.state.decoder.closed
     asyncio.run(run())
 
 

@@ -20,6 +20,7 @@ from sponge.runtime.worker import worker_main
 
 log = logging.getLogger("sponge.replica")
 START_TIMEOUT_S = 60.0
+STOP_JOIN_S = 2.0  # a worker told to stop exits after its batch in flight; longer than this, it is SIGKILLed
 _HEADER = struct.Struct("!i")  # multiprocessing.Connection framing: 4-byte big-endian length
 
 
@@ -92,7 +93,11 @@ class Replica:
                            daemon=True)
         proc.start()
         child.close()
-        ok = await self._loop.run_in_executor(None, parent.poll, START_TIMEOUT_S)
+        try:
+            ok = await self._loop.run_in_executor(None, parent.poll, START_TIMEOUT_S)
+        except asyncio.CancelledError:  # shutdown during a (re)start: no orphan (its exit ends the poll too)
+            proc.kill()
+            raise
         if not ok:
             proc.kill()
             raise RuntimeError(f"replica {self.name} did not start within {START_TIMEOUT_S:.0f} s")
@@ -199,7 +204,7 @@ class Replica:
                 self._reader_task.cancel()
         if self._proc is not None:
             proc = self._proc
-            await asyncio.get_running_loop().run_in_executor(None, proc.join, 5)
+            await asyncio.get_running_loop().run_in_executor(None, proc.join, STOP_JOIN_S)
             if proc.is_alive():
                 proc.kill()
                 await asyncio.get_running_loop().run_in_executor(None, proc.join, 2)

@@ -10,6 +10,15 @@ never split. When a replica is free the dispatcher asks `Batcher.next_action(que
 - with fewer images queued, the batcher waits for more only while the head's slack allows (a full
   batch of `b` images must still finish by its deadline) and at most `max_wait_ms`, then dispatches
   what there is.
+
+Only compatible requests share a batch (`Entry.key`: for a model with a second variable dimension, the
+inputs' dtypes and non-batch dims). A batch is the EDF head plus the following queued requests with the
+head's key, in EDF order, while they fit in `b` images (a compatible request that does not fit ends the
+batch: a later smaller one never jumps it). Incompatible requests are passed over and stay queued in
+their place; at most `scan_window` of them are looked past. The rule that keeps EDF honest: a compatible
+request behind a passed-over one joins the batch only if every passed-over request could still finish by
+its deadline when started right after this batch (now + l(batch with it) + l(its own size)); otherwise
+the batch ends there. With one key for all requests (the usual case) this is exactly the plain EDF batch.
 """
 
 from __future__ import annotations
@@ -29,6 +38,9 @@ DEFAULT_MAX_WAIT_MS = 0.0
 
 # Estimated service time (ms) of a batch of the given number of images on the replica's current allocation.
 ServiceEstimate = Callable[[int], float]
+
+# How many incompatible requests (another shape) a batch may look past for compatible ones.
+DEFAULT_SCAN_WINDOW = 64
 
 
 class ExpiryPolicy(str, Enum):
@@ -65,11 +77,13 @@ class Batcher:
         estimate_ms: ServiceEstimate,
         expiry: ExpiryPolicy = ExpiryPolicy.REJECT,
         max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
+        scan_window: int = DEFAULT_SCAN_WINDOW,
     ) -> None:
         self.batch_size = batch_size
         self.estimate_ms = estimate_ms
         self.expiry = expiry
         self.max_wait_ms = max_wait_ms
+        self.scan_window = scan_window
 
     @property
     def batch_size(self) -> int:
@@ -101,12 +115,35 @@ class Batcher:
             return Action(expired, Wait(None))
         b = self.batch_size
         if queue.images >= b:  # the head fills a batch (or is as full as it can get without a split)
-            return Action(expired, Dispatch(queue.pop_images(b)))
+            return Action(expired, Dispatch(self._form(queue, now_ms)))
         head = queue.peek()
         assert head is not None
         # Latest start that still lets a full batch finish by the head's deadline, capped by max_wait.
         latest_start = head.deadline_ms - self.estimate_ms(b)
         wait_until = min(latest_start, head.arrival_ms + self.max_wait_ms)
         if wait_until <= now_ms:
-            return Action(expired, Dispatch(queue.pop_images(b)))
+            return Action(expired, Dispatch(self._form(queue, now_ms)))
         return Action(expired, Wait(wait_until))
+
+    def _form(self, queue: EDFQueue[T], now_ms: float) -> list[Entry[T]]:
+        """Pop one batch: the head and the compatible requests after it (module docstring's rule)."""
+        b, est = self.batch_size, self.estimate_ms
+        head = queue.pop()
+        batch, images = [head], head.size
+        passed: list[Entry[T]] = []
+        while queue and images < b and len(passed) < self.scan_window:
+            e = queue.peek()
+            assert e is not None
+            if e.key != head.key:
+                passed.append(queue.pop())
+                continue
+            if images + e.size > b:
+                break
+            if passed:
+                done_ms = now_ms + est(images + e.size)
+                if any(done_ms + est(p.size) > p.deadline_ms for p in passed):
+                    break
+            batch.append(queue.pop())
+            images += e.size
+        queue.requeue(passed)
+        return batch

@@ -28,6 +28,9 @@ class Entry(Generic[T]):
     arrival_ms: float = field(compare=False)
     payload: T = field(compare=False)
     size: int = field(default=1, compare=False)  # images (first-axis rows) this request carries
+    # Batch-compatibility class: entries may share a batch only if their keys are equal (e.g. the inputs'
+    # dtypes and non-batch dims, for a model with a second variable dimension). None for all: one class.
+    key: object = field(default=None, compare=False)
 
 
 class EDFQueue(Generic[T]):
@@ -51,15 +54,22 @@ class EDFQueue(Generic[T]):
         """Entries in EDF order (a sorted copy; O(n log n), for observation, not the hot path)."""
         return iter(sorted(self._heap))
 
-    def push(self, payload: T, deadline_ms: float, arrival_ms: float, size: int = 1) -> Entry[T]:
+    def push(self, payload: T, deadline_ms: float, arrival_ms: float, size: int = 1, key: object = None) -> Entry[T]:
         if len(self._heap) >= self.capacity:
             raise QueueFull(f"queue is full ({self.capacity} requests waiting)")
         if size < 1:
             raise ValueError(f"an entry's size must be >= 1 image, got {size}")
-        entry = Entry(deadline_ms, next(self._seq), arrival_ms, payload, size)
+        entry = Entry(deadline_ms, next(self._seq), arrival_ms, payload, size, key)
         heapq.heappush(self._heap, entry)
         self.images += size
         return entry
+
+    def requeue(self, entries: list[Entry[T]]) -> None:
+        """Put back entries popped from this queue (unchanged: same deadline and arrival order, so they
+        keep their EDF position). No capacity check: they were counted when first pushed."""
+        for e in entries:
+            heapq.heappush(self._heap, e)
+            self.images += e.size
 
     def peek(self) -> Entry[T] | None:
         return self._heap[0] if self._heap else None

@@ -114,7 +114,7 @@ def create_app(core: ServingCore, *, max_body_bytes: int, default_slo_ms: float,
                 async with lifespan(app) as state:
                     yield state
         finally:
-            decoder.close()
+            await decoder.aclose()
 
     app = FastAPI(title="Sponge", version=__version__, lifespan=lifespan_and_decoder,
                   description="Open Inference Protocol (V2) server with per-request dynamic SLOs.")

@@ -24,7 +24,11 @@ log = logging.getLogger("sponge.core")
 
 MAX_BATCH_SAMPLES = 10_000  # served batches kept for the controller between two looks (bounded)
 
-__all__ = ["ServingCore", "Pending", "Served", "DeadlineExpired", "ServerBusy", "InferenceFailed", "QueueFull"]
+__all__ = ["ServingCore", "Pending", "Served", "DeadlineExpired", "ServerBusy", "InferenceFailed", "ShuttingDown",
+           "QueueFull", "shape_key"]
+
+STOP_KILL_AFTER_S = 3.0  # at shutdown, a replica not stopped this long after "stop" is SIGKILLed (its own
+# stop() kills it after STOP_JOIN_S = 2 s already; this bounds the whole)
 
 
 class DeadlineExpired(Exception):
@@ -41,6 +45,16 @@ class ServerBusy(Exception):
 
 class InferenceFailed(Exception):
     """The replica failed on the batch or died with it in flight."""
+
+
+class ShuttingDown(InferenceFailed):
+    """The server is stopping: the request was queued or in flight and will not be served."""
+
+
+def shape_key(inputs: dict[str, np.ndarray]) -> tuple:
+    """Batch-compatibility class of a request: its inputs' dtypes and dims after the first. Requests
+    share a batch only with equal keys (a model with a second variable dimension gets mixed widths)."""
+    return tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in inputs.items()))
 
 
 @dataclass
@@ -93,7 +107,10 @@ class ServingCore:
         self.cpu_m = {r.name: cpu_m for r in replicas}
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._dispatch: dict[str, asyncio.Task[None]] = {}  # each replica's dispatch loop
+        self._overdue_at: dict[str, float] = {}  # replica -> when its batch in flight passes its watchdog
         self._closing = False
+        self._close_task: asyncio.Future[None] | None = None
         self.arrivals = 0  # total admitted + refused, for the controller's rate observation
         self.recent_budgets: list[tuple[float, float]] = []  # (arrival, budget) ms since the controller looked
         self.recent_batches: list[BatchSample] = []  # batches served since the controller last looked
@@ -103,6 +120,8 @@ class ServingCore:
     def submit(self, inputs: dict[str, np.ndarray], items: int, budget: Budget, arrival_ms: float) -> Pending:
         """Admit a request or raise DeadlineExpired / ServerBusy. The caller awaits `pending.future`."""
         self.arrivals += 1
+        if self._closing:
+            raise ServerBusy("server is shutting down", 1)
         if len(self.recent_budgets) < 100_000:  # bounded even if no controller drains it
             self.recent_budgets.append((arrival_ms, budget.budget_ms))
         now = self.clock()
@@ -113,7 +132,8 @@ class ServingCore:
             )
         pending = Pending(inputs, items, budget, arrival_ms, asyncio.get_running_loop().create_future())
         try:
-            pending.entry = self.queue.push(pending, budget.deadline_ms, arrival_ms, size=items)
+            pending.entry = self.queue.push(pending, budget.deadline_ms, arrival_ms, size=items,
+                                            key=shape_key(inputs))
         except QueueFull as exc:
             per_image_ms = self.estimate(self.batcher.batch_size) / max(1, self.batcher.batch_size)
             drain_s = self.queue.images * per_image_ms / 1000.0 / max(1, len(self.replicas))
@@ -138,13 +158,36 @@ class ServingCore:
         floor = self.replica_timeout_floor_ms * (max(1.0, 1000.0 / cpu_m) if cpu_m else 1.0)
         return max(floor, self.replica_timeout_factor * self.estimate(images))
 
+    def can_serve(self) -> bool:
+        """Readiness: some replica can take work — its process running, its dispatch loop alive, and no
+        batch of its past the watchdog (hung: about to be killed). False once closing."""
+        if self._closing:
+            return False
+        now = self.clock()
+        for r in self.replicas:
+            task = self._dispatch.get(r.name)
+            if r.ready and (task is None or not task.done()) and now <= self._overdue_at.get(r.name, math.inf):
+                return True
+        return False
+
     # ---- dispatch ---------------------------------------------------------------------------
     def start(self) -> None:
         for r in self.replicas:
             r.on_death = lambda _r: self._wakeup.set()
-            self._tasks.append(asyncio.create_task(self._serve(r), name=f"dispatch-{r.name}"))
+            task = asyncio.create_task(self._serve(r), name=f"dispatch-{r.name}")
+            self._dispatch[r.name] = task
+            self._tasks.append(task)
 
     async def close(self) -> None:
+        """Stop serving, bounded in time: refuse new requests, answer the queue and the batches in flight
+        ("server is shutting down"), stop every replica at once (SIGKILL within STOP_KILL_AFTER_S; one
+        still running a batch nobody waits for is killed at once). Idempotent: later calls wait for the
+        first."""
+        if self._close_task is None:
+            self._close_task = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._close_task)
+
+    async def _close(self) -> None:
         self._closing = True
         self._wakeup.set()
         for t in self._tasks:
@@ -153,9 +196,20 @@ class ServingCore:
         while self.queue:
             e = self.queue.pop()
             if not e.payload.future.done():
-                e.payload.future.set_exception(InferenceFailed("server is shutting down"))
-        for r in self.replicas:
-            await r.stop()
+                e.payload.future.set_exception(ShuttingDown("server is shutting down"))
+        self.metrics.queue_length.labels(self.model_name).set(0)
+        await asyncio.gather(*(self._stop_replica(r) for r in self.replicas))
+
+    async def _stop_replica(self, replica: Replica) -> None:
+        try:
+            if replica.busy:  # its batch was answered "shutting down": nobody waits for the result
+                replica.kill()
+            await asyncio.wait_for(replica.stop(), STOP_KILL_AFTER_S)
+        except TimeoutError:
+            log.warning("replica %s did not stop within %.0f s: killing it", replica.name, STOP_KILL_AFTER_S)
+            replica.kill()
+        except Exception:
+            log.exception("stopping replica %s failed", replica.name)
 
     def set_batch(self, b: int) -> None:
         self.batcher.batch_size = b
@@ -170,24 +224,34 @@ class ServingCore:
                 f"{p.budget.budget_ms:.1f} ms budget"))
 
     async def _serve(self, replica: Replica) -> None:
+        """The replica's dispatch loop. Nothing but shutdown ends it: an unexpected error while forming or
+        running a batch fails that batch's requests (in `_execute`) or is logged and counted here."""
         while not self._closing:
-            if not replica.ready:
-                await self._restart(replica)
-                continue
-            now = self.clock()
-            action = self.batcher.next_action(self.queue, now)
-            for e in action.expired:
-                self._expire(e, now)
-            if isinstance(action.step, Dispatch):
-                self.metrics.queue_length.labels(self.model_name).set(len(self.queue))
-                await self._execute(replica, action.step.entries)
-                continue
-            self._wakeup.clear()
-            timeout = None if action.step.until_ms is None else max(0.0, (action.step.until_ms - now) / 1000.0)
             try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
-            except TimeoutError:
-                pass
+                await self._serve_once(replica)
+            except Exception:
+                log.exception("dispatch loop of replica %s: unexpected error (the loop goes on)", replica.name)
+                self.metrics.dispatch_errors.labels(self.model_name).inc()
+                await asyncio.sleep(0.01)  # never a hot loop if the error repeats
+
+    async def _serve_once(self, replica: Replica) -> None:
+        if not replica.ready:
+            await self._restart(replica)
+            return
+        now = self.clock()
+        action = self.batcher.next_action(self.queue, now)
+        for e in action.expired:
+            self._expire(e, now)
+        if isinstance(action.step, Dispatch):
+            self.metrics.queue_length.labels(self.model_name).set(len(self.queue))
+            await self._execute(replica, action.step.entries)
+            return
+        self._wakeup.clear()
+        timeout = None if action.step.until_ms is None else max(0.0, (action.step.until_ms - now) / 1000.0)
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), timeout)
+        except TimeoutError:
+            pass
 
     async def _restart(self, replica: Replica) -> None:
         self.metrics.replica_restarts.labels(replica.name).inc()
@@ -198,15 +262,24 @@ class ServingCore:
             await asyncio.sleep(1.0)
 
     async def _execute(self, replica: Replica, entries: list[Entry[Pending]]) -> None:
+        pendings = [e.payload for e in entries]
+        try:
+            await self._run_batch(replica, pendings)
+        except Exception as exc:  # a bug or a batch the runtime's plumbing cannot take: fail it, go on
+            log.exception("batch of %d request(s) on replica %s failed in dispatch", len(pendings), replica.name)
+            self.metrics.dispatch_errors.labels(self.model_name).inc()
+            _fail(pendings, InferenceFailed(f"internal error in dispatch: {type(exc).__name__}: {exc}"))
+
+    async def _run_batch(self, replica: Replica, pendings: list[Pending]) -> None:
         start = self.clock()
         cpu_m = self.cpu_m[replica.name]  # the allocation the batch starts on (its BatchSample's c)
-        pendings = [e.payload for e in entries]
         names = list(pendings[0].inputs)
         if len(pendings) == 1:
             inputs = pendings[0].inputs
         else:
             inputs = {n: np.concatenate([p.inputs[n] for p in pendings]) for n in names}
         timeout_ms = self.watchdog_ms(sum(p.items for p in pendings), self.cpu_m[replica.name])
+        self._overdue_at[replica.name] = start + timeout_ms
         try:
             async with asyncio.timeout(timeout_ms / 1000.0):  # no extra task per batch (unlike wait_for)
                 result = await replica.infer(inputs)
@@ -221,14 +294,22 @@ class ServingCore:
             _fail(pendings, InferenceFailed(f"replica {replica.name} timed out after {timeout_ms:.0f} ms"))
             return
         except asyncio.CancelledError:  # close() cancels the dispatch loops: answer the batch in flight
-            _fail(pendings, InferenceFailed("server is shutting down" if self._closing else "dispatch cancelled"))
+            _fail(pendings, ShuttingDown("server is shutting down") if self._closing
+                  else InferenceFailed("dispatch cancelled"))
             raise
+        finally:
+            self._overdue_at.pop(replica.name, None)
         images = sum(p.items for p in pendings)
-        self.estimate.observe(images, result.infer_ms)
+        believed = self.estimate.observe(images, result.infer_ms)
         self.metrics.batch_size.labels(self.model_name).observe(images)
         self.metrics.batch_requests.labels(self.model_name).observe(len(pendings))
         self.metrics.batch_latency.labels(self.model_name).observe(result.infer_ms / 1000.0)
-        if self.cpu_m[replica.name] == cpu_m:  # a batch that straddled a resize measured two allocations
+        if not believed:  # a stall (e.g. the replica was stopped for a while): neither estimate nor learner
+            self.metrics.stalls.labels(self.model_name).inc()
+            log.warning("replica %s: a batch of %d image(s) took %.0f ms, far beyond the estimate (%.1f ms): "
+                        "treated as a stall, not learned", replica.name, images, result.infer_ms,
+                        self.estimate(images))
+        elif self.cpu_m[replica.name] == cpu_m:  # a batch that straddled a resize measured two allocations
             self.record_batch(BatchSample(images, cpu_m, float(result.infer_ms), self.clock()))
         offset = 0
         for p in pendings:

@@ -71,6 +71,10 @@ class BodyDecoder:
         self.counts = {"inline": 0, "thread": 0, "process": 0}
         self._closed = False
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def route(self, body_len: int, header_length: int | None) -> str:
         json_len = header_length if header_length is not None else body_len
         if json_len >= self.process_json_bytes:
@@ -100,14 +104,19 @@ class BodyDecoder:
                                                 initializer=_exit_with_parent, initargs=(os.getpid(),))
         return self._process
 
-    def _drop_process(self) -> None:
+    def _detach_process(self) -> ProcessPoolExecutor | None:
+        """Forget the pool and stop its worker at once: shutdown(wait=False) alone left the worker
+        running after the server exited (seen live); what it was decoding is abandoned anyway."""
         pool, self._process = self._process, None
         if pool is not None:
-            # shutdown(wait=False) alone left the worker running after the server exited (seen live):
-            # stop it outright; what it was decoding is abandoned anyway.
             workers = getattr(pool, "_processes", None) or {}  # private, but the only handle on them
             for proc in list(workers.values()):
                 proc.terminate()
+        return pool
+
+    def _drop_process(self) -> None:
+        pool = self._detach_process()
+        if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
@@ -115,3 +124,15 @@ class BodyDecoder:
         self._closed = True
         self._drop_process()
         self._threads.shutdown(wait=False, cancel_futures=True)
+
+    async def aclose(self, timeout_s: float = 2.0) -> None:
+        """close(), then wait off the loop (bounded) until the pool is torn down, so that its queues
+        are released, not reported by multiprocessing as leaked semaphores at exit."""
+        self._closed = True
+        pool = self._detach_process()
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        if pool is not None:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True), timeout_s)
+            except TimeoutError:
+                log.warning("the request decoder process did not stop within %.1f s", timeout_s)

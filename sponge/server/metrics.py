@@ -36,6 +36,10 @@ class Metrics:
         self.replicas = Gauge("sponge_replicas", "Replicas running", registry=r)
         self.replica_restarts = Counter("sponge_replica_restarts", "Replica processes restarted after dying",
                                         ["replica"], registry=r)
+        self.dispatch_errors = Counter("sponge_dispatch_errors", "Unexpected errors in a dispatch loop (the "
+                                       "batch's requests are answered 500; the loop goes on)", ["model"], registry=r)
+        self.stalls = Counter("sponge_batch_stalls", "Served batches far slower than the estimate, set aside "
+                              "as stalls (not fed to the latency estimate or the learner)", ["model"], registry=r)
         self.decisions = Counter("sponge_decisions", "Controller decisions by policy and feasibility",
                                  ["policy", "feasible"], registry=r)
         self.resize_duration = Histogram("sponge_resize_duration_seconds", "Time to apply a CPU change",

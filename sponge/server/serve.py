@@ -266,15 +266,28 @@ def build_app(cfg: ServerConfig) -> FastAPI:
         probe_task = asyncio.create_task(prober.run(), name="idle-prober") if prober is not None else None
         log.info("serving %s (%s) on %d replica(s), %d m each, batch %d; ready %.1f s after the model file was",
                  model_name, model_path, len(replicas), cpu_m, cfg.batch, time.monotonic() - t_model)
-        try:
-            yield
-        finally:
+
+        async def stop_all() -> None:
             control_task.cancel()
             if probe_task is not None:
                 probe_task.cancel()
             await asyncio.gather(control_task, *([probe_task] if probe_task else []), return_exceptions=True)
             await core.close()
             scaler.close()
+
+        stopping: list[asyncio.Future[None]] = []
+
+        async def stop_serving() -> None:
+            """Idempotent and bounded (ServingCore.close): run at SIGTERM (run()'s server), again at the end."""
+            if not stopping:
+                stopping.append(asyncio.ensure_future(stop_all()))
+            await asyncio.shield(stopping[0])
+
+        app.state.stop_serving = stop_serving
+        try:
+            yield
+        finally:
+            await stop_serving()
 
     app = create_app(core, max_body_bytes=cfg.max_body_bytes, default_slo_ms=cfg.default_slo_ms,
                      max_clock_skew_ms=cfg.max_clock_skew_ms, max_request_batch=cfg.max_request_batch,
@@ -290,7 +303,26 @@ def run(cfg: ServerConfig) -> None:
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     check_port_free(cfg.host, cfg.port)  # before anything is spawned: a taken port is one line, not a crash
     app = build_app(cfg)
+    class Server(uvicorn.Server):
+        """At SIGTERM the serving core stops at once (bounded), concurrently with uvicorn's wait for open
+        connections: their requests are answered ("server is shutting down") rather than waited for. uvicorn
+        runs the lifespan's end only after every connection has closed, so a request held in the queue
+        would otherwise hold the exit forever."""
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            stop = getattr(app.state, "stop_serving", None)
+            stopping = asyncio.ensure_future(stop()) if stop is not None else None
+            try:
+                await super().shutdown(sockets)
+            finally:
+                if stopping is not None:
+                    await stopping
+
     # Keep idle client connections for 75 s (like common proxies), not uvicorn's 5 s: clients that
-    # send every few seconds would otherwise race the server closing their connection.
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=False,
-                timeout_keep_alive=75)
+    # send every few seconds would otherwise race the server closing their connection. A connection still
+    # open SHUTDOWN_GRACE_S after SIGTERM (e.g. a slow upload) is dropped: the exit is bounded.
+    Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=False,
+                          timeout_keep_alive=75, timeout_graceful_shutdown=SHUTDOWN_GRACE_S)).run()
+
+
+SHUTDOWN_GRACE_S = 3.0
