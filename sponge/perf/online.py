@@ -264,9 +264,8 @@ class OnlineLatencyLearner:
 
     def provisional_model(self) -> LatencyModel | None:
         """A conservative stand-in while the model is not ready: measurements at one CPU level c0 scaled
-        as if latency grew like 1/c below it, l(b, c) = (a*b + k) * c0 / c, with a = the largest
-        per-image p95 and k = the p95 of the smallest batch measured there — an upper bound on every
-        measured cell. CPU-bound work slows at most ~1/c when its quota shrinks (fewer runtime threads
+        as if latency grew like 1/c below it, l(b, c) = (a*b + k) * c0 / c, with a the least-squares
+        per-image slope of the cells' p95 there and k lifted until the line bounds every measured cell. CPU-bound work slows at most ~1/c when its quota shrinks (fewer runtime threads
         slow it less: they stop contending), so a policy planning on it errs towards more CPU, and the
         batches it serves at the new allocation are new cells: the served load itself explores the CPU
         axis even when the server is never idle (no idle gap for the prober). c0 is the level with the
@@ -279,9 +278,13 @@ class OnlineLatencyLearner:
         if not levels:
             return None
         c0 = max(levels, key=lambda c: (len(levels[c]), c))
-        cells = sorted(levels[c0])
-        a = max(y / b for b, y in cells)
-        k = cells[0][1]
+        b = np.array([x for x, _ in sorted(levels[c0])], dtype=float)
+        y = np.array([v for _, v in sorted(levels[c0])], dtype=float)
+        if b.size == 1:
+            a = float(y[0] / b[0])  # through the origin: an upper bound for larger batches
+        else:
+            a = max(0.0, float(np.polyfit(b, y, 1)[0]))  # the measured per-image slope ...
+        k = max(0.0, float(np.max(y - a * b)))  # ... lifted until no measured cell lies above the line
         cores0 = c0 / 1000.0
         return LatencyModel(g=a * cores0, d=0.0, e=k * cores0, h=0.0)
 
