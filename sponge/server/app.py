@@ -29,7 +29,15 @@ from sponge.protocol.v2 import (
     encode_infer_response,
 )
 from sponge.runtime.base import TensorSpec
-from sponge.server.core import DeadlineExpired, InferenceFailed, Pending, Served, ServerBusy, ServingCore
+from sponge.server.core import (
+    DeadlineExpired,
+    InferenceFailed,
+    Pending,
+    Served,
+    ServerBusy,
+    ServingCore,
+    ShuttingDown,
+)
 from sponge.server.decode import BodyDecoder, DecoderFailed
 from sponge.server.slo import request_budget
 
@@ -128,8 +136,8 @@ def create_app(core: ServingCore, *, max_body_bytes: int, default_slo_ms: float,
             return error(404, f"model '{model_name}' is not served here (available: '{name}')")
         return None
 
-    def ready() -> bool:
-        return any(r.ready for r in core.replicas)
+    def ready() -> bool:  # 503 while no replica can serve: dead, restarting, hung past its watchdog, stopping
+        return core.can_serve()
 
     @app.get("/v2", tags=["v2"], summary="Server metadata", responses=openapi_docs.SERVER_METADATA_RESPONSES)
     async def server_metadata() -> dict[str, Any]:
@@ -207,6 +215,9 @@ def create_app(core: ServingCore, *, max_body_bytes: int, default_slo_ms: float,
         except ServerBusy as exc:
             metrics.requests.labels(name, "rejected").inc()
             return error(503, f"server busy: {exc}", {"Retry-After": str(exc.retry_after_s)})
+        except ShuttingDown as exc:  # queued or in flight at SIGTERM: another server may take it
+            metrics.requests.labels(name, "error").inc()
+            return error(503, f"server busy: {exc}", {"Retry-After": "1"})
         except InferenceFailed as exc:
             metrics.requests.labels(name, "error").inc()
             return error(500, f"inference failed: {exc}")
