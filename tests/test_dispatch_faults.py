@@ -540,6 +540,90 @@ def test_sigterm_under_load_exits_within_5_s_and_every_request_is_answered(tmp_p
         srv.stop()
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(ServingCore, "_deadline_timer"),
+                    reason="needs the queue's deadline timer (issue 9 item 2, deadline-aware admission)")
+def test_sigstopped_replica_under_load_every_request_answered_by_its_deadline_and_replica_replaced(rowsum_model):
+    """Open-loop load (40 req/s, SLO 0.8 s) on one replica; it is SIGSTOPped for good. The watchdog (1 s)
+    kills and replaces it. Every request gets an answer by its deadline plus a bounded margin: the batch
+    in flight on the stopped replica 500 "timed out" at the watchdog; the requests queued behind it (their
+    deadlines pass before the watchdog fires) 504 at their deadline, not when a replica frees up; later ones
+    are served by the new replica or refused. Readiness is 503 while no replica can serve, 200 again once
+    the new one is up. (Before issue 9 the queued ones were answered only after the watchdog and the
+    restart: ~1-2 s past their deadline.)"""
+    from serverproc import ServerProcess
+
+    slo_ms, watchdog_s, margin_s = 800.0, 1.0, 0.4  # margin: event-loop and HTTP latency on a busy host
+    srv = ServerProcess("--model", str(rowsum_model), "--batch", "4", "--actuator", "none",
+                        "--replica-timeout-floor-ms", "1000")
+    try:
+        url = f"{srv.url}/v2/models/rowsum/infer"
+        ready_url = f"{srv.url}/v2/health/ready"
+        x = np.ones((1, 6), np.float32)
+
+        async def run(stop_at_s: float, duration_s: float):
+            results: list[tuple[float, object]] = []
+            readiness: list[tuple[float, int]] = []
+            t0 = time.monotonic()
+
+            async def one(c):
+                t = time.monotonic()
+                try:
+                    r = await c.post(url, content=rowsum_body(x, slo_ms))
+                    results.append((time.monotonic() - t, r))
+                except httpx.HTTPError as exc:
+                    results.append((time.monotonic() - t, exc))
+
+            async def poll_ready(c):
+                while time.monotonic() - t0 < duration_s + 3.0:
+                    try:
+                        readiness.append((time.monotonic() - t0, (await c.get(ready_url)).status_code))
+                    except httpx.HTTPError:
+                        pass
+                    await asyncio.sleep(0.02)
+
+            async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=200)) as c:
+                poller = asyncio.create_task(poll_ready(c))
+                tasks, stopped = [], None
+                while (now := time.monotonic() - t0) < duration_s:
+                    if stopped is None and now >= stop_at_s:
+                        stopped = StoppedReplica(srv)  # reads the pid over HTTP: quick
+                        stopped.__enter__()
+                    tasks.append(asyncio.create_task(one(c)))
+                    await asyncio.sleep(0.025)
+                await asyncio.gather(*tasks)
+                await poller
+            return results, readiness, stopped
+
+        results, readiness, stopped = asyncio.run(run(1.0, 5.0))
+        try:
+            assert all(isinstance(r, httpx.Response) for _, r in results), [r for _, r in results]
+            codes = [r.status_code for _, r in results]
+            assert 500 in codes  # the batch in flight on the stopped replica
+            timed_out = [(t, r) for t, r in results if r.status_code == 500]
+            assert all("timed out" in r.json()["error"] for _, r in timed_out), [r.text for _, r in timed_out]
+            assert all(t <= watchdog_s + margin_s for t, _ in timed_out), [t for t, _ in timed_out]
+            late = [(round(t, 3), r.status_code) for t, r in results
+                    if r.status_code != 500 and t > slo_ms / 1000 + margin_s]
+            assert not late, late
+            assert 504 in codes  # queued behind the stopped replica, answered at their deadline
+            assert set(codes) <= {200, 500, 503, 504}, codes
+            # replaced, and serving again
+            info = srv.admin("GET", "/admin/replicas").json()["replicas"][0]
+            assert info["pid"] != stopped.pid and info["restarts"] >= 1 and info["ready"]
+            assert httpx.post(url, content=rowsum_body(x, slo_ms), timeout=30).status_code == 200
+            # honest readiness: 503 while no replica could serve (between the kill and the restart)
+            after_stop = [s for t, s in readiness if t >= 1.0]
+            assert 503 in after_stop, readiness
+            assert readiness[-1][1] == 200 and httpx.get(ready_url).status_code == 200
+        finally:
+            stopped.resume()
+            if stopped.started is not None and _start_time(stopped.pid) == stopped.started:
+                os.kill(stopped.pid, signal.SIGKILL)
+    finally:
+        srv.stop()
+
+
 def build_slow_model(path: Path, depth: int = 80, width: int = 1024) -> Path:
     """x float32 [N, 1024] -> y: `depth` times tanh(x @ W). ~50-150 ms for N = 64 on two cores: a replica
     kept busy with it is most likely stopped in the middle of an inference."""
