@@ -28,6 +28,14 @@ class ServerConfig(BaseModel):
     )
     expiry_policy: Literal["reject", "serve_late"] = "reject"
     queue_capacity: int = Field(1024, ge=1, le=1_000_000)
+    admission: bool = Field(True, description="admit by deadline (expiry policy reject): refuse on arrival, 503 + "
+                            "Retry-After, a request that would finish late behind the queued work, 504 one whose "
+                            "budget is shorter than one inference at the largest allocation")
+    admission_headroom: float = Field(
+        1.5, ge=1.0, le=10.0, description="admission plays the queued work forward at this multiple of the "
+        "expected batch latency: the margin admitted requests keep against latency noise (under overload the "
+        "replicas stay busy whatever it is; a larger one keeps the queue shorter; 1.2 let 1-4 % of the admitted "
+        "answer late at 3x overload on a shared 2-core host, 1.5 none, at the same on-time rate)")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     max_request_batch: int = Field(64, ge=1, description="largest batch one request may carry")
     max_request_elements: int | None = Field(

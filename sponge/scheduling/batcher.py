@@ -109,6 +109,11 @@ class Batcher:
             expired.append(queue.pop())
         return expired
 
+    def expire(self, queue: EDFQueue[T], now_ms: float) -> list[Entry[T]]:
+        """Remove and return the head entries that would miss their deadline even if run alone now (none
+        with `serve_late`): for a deadline timer that answers them while every replica is busy."""
+        return self._expire(queue, now_ms)
+
     def next_action(self, queue: EDFQueue[T], now_ms: float) -> Action[T]:
         expired = self._expire(queue, now_ms)
         if not queue:

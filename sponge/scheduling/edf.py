@@ -112,6 +112,10 @@ class EDFQueue(Generic[T]):
         self.images -= entry.size
         return True
 
+    def deadlines_sizes(self) -> list[tuple[float, int]]:
+        """(deadline_ms, size) of every queued entry in EDF order (ties by arrival): admission's view."""
+        return [(d, s) for d, _, s in sorted((e.deadline_ms, e.seq, e.size) for e in self._heap)]
+
     def remaining_ms(self, now_ms: float) -> list[float]:
         """deadline - now of every queued request, in EDF order (the controller's backlog view)."""
         return sorted(e.deadline_ms - now_ms for e in self._heap)

@@ -203,6 +203,7 @@ def create_app(core: ServingCore, *, max_body_bytes: int, default_slo_ms: float,
             metrics.requests.labels(name, "error").inc()
             return error(500, str(exc))
         metrics.budget.labels(name).observe(max(0.0, budget.budget_ms) / 1000.0)
+        pending: Pending | None = None
         try:
             pending = core.submit(req.inputs, items, budget, arrival_ms)
             served = await served_unless_gone(core, pending, request)
@@ -211,9 +212,12 @@ def create_app(core: ServingCore, *, max_body_bytes: int, default_slo_ms: float,
                 return error(499, "client closed the request")
         except DeadlineExpired as exc:
             metrics.requests.labels(name, "expired").inc()
+            if pending is None:  # refused on arrival (admission), not expired in the queue
+                metrics.refusal_latency.labels(name).observe((core.clock() - arrival_ms) / 1000.0)
             return error(504, f"deadline exceeded: {exc}")
         except ServerBusy as exc:
             metrics.requests.labels(name, "rejected").inc()
+            metrics.refusal_latency.labels(name).observe((core.clock() - arrival_ms) / 1000.0)
             return error(503, f"server busy: {exc}", {"Retry-After": str(exc.retry_after_s)})
         except ShuttingDown as exc:  # queued or in flight at SIGTERM: another server may take it
             metrics.requests.labels(name, "error").inc()

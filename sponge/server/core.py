@@ -14,6 +14,7 @@ import numpy as np
 
 from sponge.perf.samples import BatchSample
 from sponge.runtime.replica import Replica, ReplicaDied, ReplicaError
+from sponge.scheduling.admission import HOPELESS, AdmissionControl
 from sponge.scheduling.batcher import Batcher, Dispatch, ExpiryPolicy
 from sponge.scheduling.edf import EDFQueue, Entry, QueueFull
 from sponge.scheduling.estimate import OnlineServiceEstimate
@@ -94,7 +95,8 @@ class ServingCore:
     def __init__(self, model_name: str, replicas: list[Replica], batch: int, queue_capacity: int,
                  expiry: ExpiryPolicy, max_wait_ms: float, metrics: Metrics, cpu_m: int,
                  clock: Callable[[], float] = monotonic_ms, replica_timeout_floor_ms: float = 2000.0,
-                 replica_timeout_factor: float = 10.0) -> None:
+                 replica_timeout_factor: float = 10.0, admission: bool = True,
+                 max_cpu_m: int | None = None, admission_headroom: float = 1.5) -> None:
         self.model_name = model_name
         self.replica_timeout_floor_ms = replica_timeout_floor_ms
         self.replica_timeout_factor = replica_timeout_factor
@@ -111,6 +113,15 @@ class ServingCore:
         self._overdue_at: dict[str, float] = {}  # replica -> when its batch in flight passes its watchdog
         self._closing = False
         self._close_task: asyncio.Future[None] | None = None
+        # Admission by deadline (policy `reject` only: `serve_late` wants late answers rather than none).
+        self.admission = AdmissionControl(admission_headroom) if admission else None
+        self.max_cpu_m = max_cpu_m or cpu_m  # the largest allocation the controller can reach
+        # l(images) in ms at max_cpu_m from the learned latency model, when the controller has a good one
+        # (serve.py keeps it current); otherwise admission scales the online estimate.
+        self.reachable_latency: Callable[[int], float] | None = None
+        self.dispatch_overhead_ms = 0.0  # EWMA of a batch's wall time beyond the runtime's own (concat, IPC)
+        self._busy_until: dict[str, float] = {}  # replica -> expected end of the batch it runs (ms)
+        self._head_changed = asyncio.Event()  # re-arms the deadline timer
         self.arrivals = 0  # total admitted + refused, for the controller's rate observation
         self.recent_budgets: list[tuple[float, float]] = []  # (arrival, budget) ms since the controller looked
         self.recent_batches: list[BatchSample] = []  # batches served since the controller last looked
@@ -125,22 +136,63 @@ class ServingCore:
         if len(self.recent_budgets) < 100_000:  # bounded even if no controller drains it
             self.recent_budgets.append((arrival_ms, budget.budget_ms))
         now = self.clock()
-        if self.batcher.expiry is ExpiryPolicy.REJECT and budget.deadline_ms < now + self.estimate(items):
-            raise DeadlineExpired(
-                f"budget {budget.budget_ms:.1f} ms (slo {budget.slo_ms:.0f} - network {budget.network_ms:.0f}) "
-                f"cannot be met: an inference of {items} image(s) takes ~{self.estimate(items):.1f} ms"
-            )
+        if self.batcher.expiry is ExpiryPolicy.REJECT:
+            if self.admission is not None:
+                self._admit(items, budget, now)
+            elif budget.deadline_ms < now + self.estimate(items):
+                raise DeadlineExpired(
+                    f"budget {budget.budget_ms:.1f} ms (slo {budget.slo_ms:.0f} - network {budget.network_ms:.0f}) "
+                    f"cannot be met: an inference of {items} image(s) takes ~{self.estimate(items):.1f} ms"
+                )
         pending = Pending(inputs, items, budget, arrival_ms, asyncio.get_running_loop().create_future())
         try:
             pending.entry = self.queue.push(pending, budget.deadline_ms, arrival_ms, size=items,
                                             key=shape_key(inputs))
         except QueueFull as exc:
+            self.metrics.refusals.labels(self.model_name, "queue_full").inc()
             per_image_ms = self.estimate(self.batcher.batch_size) / max(1, self.batcher.batch_size)
             drain_s = self.queue.images * per_image_ms / 1000.0 / max(1, len(self.replicas))
             raise ServerBusy(str(exc), max(1, math.ceil(drain_s))) from None
+        if self.queue.peek() is pending.entry:
+            self._head_changed.set()  # the deadline timer sleeps for the old head
         self.metrics.queue_length.labels(self.model_name).set(len(self.queue))
         self._wakeup.set()
         return pending
+
+    def reachable_ms(self, images: int) -> float:
+        """A batch's expected wall time at the allocation the controller can reach (`max_cpu_m`): the learned
+        model's when there is one, else the online estimate scaled from the current allocation (a batch runs
+        at most c_max/c faster: a lower bound); 0 while nothing was measured. Plus the dispatch overhead."""
+        if self.reachable_latency is not None:
+            base = float(self.reachable_latency(images))
+        else:
+            base = self.estimate(images)
+            if base <= 0.0:
+                return 0.0
+            cur = max(self.cpu_m.values(), default=self.max_cpu_m)
+            if cur < self.max_cpu_m:
+                base *= cur / self.max_cpu_m
+        return base + self.dispatch_overhead_ms
+
+    def _free_at(self, now: float) -> list[float]:
+        """When each replica that can serve frees (now when idle); every replica at now if none is ready."""
+        free = [max(now, self._busy_until.get(r.name, now)) for r in self.replicas if r.ready]
+        return free or [now] * len(self.replicas)
+
+    def _admit(self, items: int, budget: Budget, now: float) -> None:
+        """Refuse at once (ServerBusy 503 / DeadlineExpired 504) a request that would not finish by its
+        deadline behind the work already admitted (scheduling/admission.py has the rule)."""
+        assert self.admission is not None
+        v = self.admission.check(now, budget.deadline_ms, items, self.queue.deadlines_sizes(), self._free_at(now),
+                                 self.batcher.batch_size, self.reachable_ms)
+        if v.admit:
+            return
+        if v.status == HOPELESS:
+            self.metrics.refusals.labels(self.model_name, "hopeless").inc()
+            raise DeadlineExpired(f"budget {budget.budget_ms:.1f} ms (slo {budget.slo_ms:.0f} - network "
+                                  f"{budget.network_ms:.0f}) cannot be met: {v.reason}")
+        self.metrics.refusals.labels(self.model_name, "displaces" if v.displaced else "overloaded").inc()
+        raise ServerBusy(v.reason, v.retry_after_s)
 
     def cancel(self, pending: Pending) -> bool:
         """Its client went away: drop a still-queued request (its future is cancelled). False when it is
@@ -177,6 +229,7 @@ class ServingCore:
             task = asyncio.create_task(self._serve(r), name=f"dispatch-{r.name}")
             self._dispatch[r.name] = task
             self._tasks.append(task)
+        self._tasks.append(asyncio.create_task(self._deadline_timer(), name="deadline-timer"))
 
     async def close(self) -> None:
         """Stop serving, bounded in time: refuse new requests, answer the queue and the batches in flight
@@ -219,6 +272,7 @@ class ServingCore:
     def _expire(self, entry: Entry[Pending], now: float) -> None:
         p = entry.payload
         if not p.future.done():
+            self.metrics.queue_expired.labels(self.model_name).inc()
             p.future.set_exception(DeadlineExpired(
                 f"deadline passed in the queue: waited {now - p.arrival_ms:.1f} ms of a "
                 f"{p.budget.budget_ms:.1f} ms budget"))
@@ -253,6 +307,36 @@ class ServingCore:
         except TimeoutError:
             pass
 
+    async def _deadline_timer(self) -> None:
+        """Answers queued requests (504) as soon as their deadline can no longer be met even if served
+        next — deadline minus one inference — while every replica is busy (a free one's dispatch loop does
+        the same). Sleeps until the head's moment; woken early when a new request becomes the head."""
+        while not self._closing:
+            try:
+                delay = self._expire_due()
+            except Exception:  # never let the timer die: log, retry soon
+                log.exception("deadline timer: unexpected error (it goes on)")
+                delay = 0.1
+            try:
+                async with asyncio.timeout(delay):
+                    await self._head_changed.wait()
+            except TimeoutError:
+                pass
+
+    def _expire_due(self) -> float | None:
+        """Expire the hopeless head(s); seconds until the next head's moment (None: queue empty)."""
+        now = self.clock()
+        expired = self.batcher.expire(self.queue, now)
+        for e in expired:
+            self._expire(e, now)
+        if expired:
+            self.metrics.queue_length.labels(self.model_name).set(len(self.queue))
+            self._wakeup.set()  # a dispatch loop may be waiting on the expired head's slack
+        head = self.queue.peek()
+        self._head_changed.clear()
+        # at least 1 ms: at the exact moment the head is not yet expired (strict inequality)
+        return None if head is None else max(0.001, (head.deadline_ms - self.estimate(head.size) - now) / 1000.0)
+
     async def _restart(self, replica: Replica) -> None:
         self.metrics.replica_restarts.labels(replica.name).inc()
         try:
@@ -280,6 +364,8 @@ class ServingCore:
             inputs = {n: np.concatenate([p.inputs[n] for p in pendings]) for n in names}
         timeout_ms = self.watchdog_ms(sum(p.items for p in pendings), self.cpu_m[replica.name])
         self._overdue_at[replica.name] = start + timeout_ms
+        expected_ms = self.estimate(sum(p.items for p in pendings)) + self.dispatch_overhead_ms
+        self._busy_until[replica.name] = start + expected_ms  # for admission: when this replica frees
         try:
             async with asyncio.timeout(timeout_ms / 1000.0):  # no extra task per batch (unlike wait_for)
                 result = await replica.infer(inputs)
@@ -300,6 +386,9 @@ class ServingCore:
         finally:
             self._overdue_at.pop(replica.name, None)
         images = sum(p.items for p in pendings)
+        end = self.clock()
+        self._busy_until[replica.name] = end
+        self.dispatch_overhead_ms += 0.2 * (max(0.0, end - start - result.infer_ms) - self.dispatch_overhead_ms)
         believed = self.estimate.observe(images, result.infer_ms)
         self.metrics.batch_size.labels(self.model_name).observe(images)
         self.metrics.batch_requests.labels(self.model_name).observe(len(pendings))

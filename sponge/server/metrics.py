@@ -6,6 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+REFUSAL_BUCKETS_S = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
 class Metrics:
@@ -23,6 +24,16 @@ class Metrics:
                                 ["model"], buckets=LATENCY_BUCKETS_S, registry=r)
         self.queue_time = Histogram("sponge_request_queue_seconds", "Time a request waited in the EDF queue",
                                     ["model"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.refusals = Counter("sponge_admission_refusals", "Requests refused on arrival, by reason: overloaded "
+                                "(503: would finish late behind the work ahead), displaces (503: would push admitted "
+                                "requests past their deadlines), queue_full (503), hopeless (504: its budget is "
+                                "shorter than one inference)", ["model", "reason"], registry=r)
+        self.refusal_latency = Histogram("sponge_admission_refusal_latency_seconds", "Time from arrival to a "
+                                         "refusal on arrival (503/504), in the server", ["model"],
+                                         buckets=REFUSAL_BUCKETS_S, registry=r)
+        self.queue_expired = Counter("sponge_queue_expired", "Admitted requests answered 504 from the queue once "
+                                     "their deadline could no longer be met (deadline timer or dispatch)", ["model"],
+                                     registry=r)
         self.queue_length = Gauge("sponge_queue_length", "Requests waiting in the EDF queue", ["model"], registry=r)
         self.batch_size = Histogram("sponge_batch_size", "Images (first-axis rows) per executed batch, as the "
                                     "latency model counts them", ["model"], buckets=BATCH_BUCKETS, registry=r)

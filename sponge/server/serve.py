@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import math
 import os
@@ -31,6 +32,7 @@ from sponge.server.admin import install_admin
 from sponge.server.app import create_app
 from sponge.server.core import ServingCore
 from sponge.server.live import LiveApplier, LiveView
+from sponge.server.memory import IdleTrimmer
 from sponge.server.metrics import Metrics
 from sponge.server.prober import IdleProber
 from sponge.server.scaler import NullActuator, ReplicaScaler
@@ -189,6 +191,18 @@ class DecisionReporter:
             self._mode = st.mode
 
 
+def follow_learned_model(core: ServingCore, policy: Policy) -> None:
+    """Admission estimates service times on the learned latency model at the largest allocation while the
+    controller decides on that model (LearningPolicy in model mode); otherwise (None) on the core's online
+    estimate. Called after each controller decision (the learner changes only then)."""
+    model = policy.learner.model() if isinstance(policy, LearningPolicy) and policy.mode == "model" else None
+    if model is None:
+        core.reachable_latency = None
+        return
+    cpu_m = core.max_cpu_m
+    core.reachable_latency = functools.lru_cache(maxsize=256)(lambda images: float(model.latency_ms(images, cpu_m)))
+
+
 PROBE_BATCHES = (1, 2, 4, 8)
 
 
@@ -229,7 +243,10 @@ def build_app(cfg: ServerConfig) -> FastAPI:
     replicas = [Replica(f"r{i}", str(model_path), threads, max_threads) for i in range(cfg.replicas)]
     core = ServingCore(model_name, replicas, cfg.batch, cfg.queue_capacity, ExpiryPolicy(cfg.expiry_policy),
                        cfg.max_batch_wait_ms, metrics, cpu_m, replica_timeout_floor_ms=cfg.replica_timeout_floor_ms,
-                       replica_timeout_factor=cfg.replica_timeout_factor)
+                       replica_timeout_factor=cfg.replica_timeout_factor, admission=cfg.admission,
+                       # the largest allocation the controller can reach: static never moves
+                       max_cpu_m=cpu_m if cfg.policy == "static" else max_cpu_m,
+                       admission_headroom=cfg.admission_headroom)
     actuators, why = make_actuators(cfg, [r.name for r in replicas], cpu_m)
     scaler = ReplicaScaler(core, actuators, cfg.min_cpu_m, max_cpu_m)
     kind = next(iter(actuators.values())).kind
@@ -249,7 +266,14 @@ def build_app(cfg: ServerConfig) -> FastAPI:
                         "model online (%s)", why, cpu_m, cfg.batch, status.reason)
         if cfg.auto_profile:
             prober = make_prober(cfg, core, scaler, policy, max_cpu_m)
-    on_decision = DecisionReporter(metrics, policy, prober)
+    reporter = DecisionReporter(metrics, policy, prober)
+    trimmer = IdleTrimmer()
+
+    def on_decision(entry: DecisionLogEntry) -> None:
+        reporter(entry)
+        follow_learned_model(core, policy)
+        trimmer(core.arrivals, len(core.queue))  # after a burst, give its freed memory back to the OS
+
     controller = Controller(policy, LiveView(core, scaler), LiveApplier(core, scaler, cfg.max_batch),
                             Decision(cpu_m, cfg.batch, cfg.replicas), cfg.interval_ms, clock=core.clock,
                             on_decision=on_decision)
