@@ -80,8 +80,9 @@ def test_controller_scales_the_replica_in_place_with_load(tmp_path):
         info = srv.admin("GET", "/admin/replicas").json()["replicas"][0]
         assert info["pid"] == pid, "the replica was resized in place, never restarted"
         assert info["cpu_m"] > 400 and quota_m(pid) == info["cpu_m"]
-        # Served or refused for its deadline (while the replica grows from 200 m), never failed or lost.
-        assert set(codes) <= {200, 504} and codes.count(200) > len(codes) // 4, codes
+        # Served, or refused for its deadline while the replica grows from 200 m (admission answers 503
+        # when the backlog would make it late, 504 when its own budget is too short), never failed or lost.
+        assert set(codes) <= {200, 503, 504} and codes.count(200) > len(codes) // 4, codes
         log = srv.admin("GET", "/admin/decisions").json()
         assert log["policy"] == "sponge"
         assert any(d["arrival_rate_rps"] > 30 for d in log["decisions"])
