@@ -94,7 +94,6 @@ class LearningPolicy:
         self._safety: float | None = None
         self._switches = 0
         self._rebuilds = 0
-        self._last_reason = "no batch observed yet"
         self._switch_reason = ""
         self.explore = explore
         self._explorer: Policy | None = None
@@ -131,7 +130,6 @@ class LearningPolicy:
     def decide(self, obs: Observation) -> Decision:
         self.observe(obs.batches)
         q = self._quality()
-        self._last_reason = str(q.reason)
         if not q.ready or self.learner.model() is None:
             was_model = self.inner is not None
             self.inner = None
