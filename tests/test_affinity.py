@@ -20,20 +20,9 @@ needs_2_cpus = pytest.mark.skipif(len(MY_CPUS) < 2, reason="needs at least 2 CPU
 
 
 @pytest.fixture
-def sleeper() -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
-    """Start sleeping Python children; at teardown kill exactly those PIDs."""
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start() -> subprocess.Popen[bytes]:
-        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-        procs.append(p)
-        return p
-
-    yield start
-    for p in procs:
-        if p.poll() is None:
-            os.kill(p.pid, 9)
-        p.wait(timeout=5)
+def sleeper(spawn: Callable[..., subprocess.Popen]) -> Callable[[], subprocess.Popen]:
+    """Start sleeping Python children (the shared `spawn` fixture kills exactly those PIDs at teardown)."""
+    return lambda: spawn("import time; time.sleep(30)", wait_ready=False)
 
 
 def _kill(p: subprocess.Popen[bytes]) -> None:

@@ -78,26 +78,6 @@ V1_OK = _v1_writable()
 needs_v1 = pytest.mark.skipif(not V1_OK, reason=f"{V1_MOUNT} (cgroup v1 cpu controller) is not writable here")
 
 
-@pytest.fixture
-def spawn():
-    """Start Python children; at teardown kill exactly those PIDs."""
-    procs: list[subprocess.Popen] = []
-
-    def start(code: str, wait_ready: bool = True) -> subprocess.Popen:
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        p = subprocess.Popen(
-            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
-        )
-        procs.append(p)
-        if wait_ready:
-            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
-        return p
-
-    yield start
-    for p in procs:
-        if p.poll() is None:
-            os.kill(p.pid, 9)
-        p.wait(timeout=5)
 
 
 @pytest.fixture
