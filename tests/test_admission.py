@@ -25,6 +25,12 @@ from sponge.server.slo import Budget
 from test_front_door_fixes import FakeReplica, counter, infer_body, make_app, make_core, until
 
 
+def submit_one(core, budget_ms: float):
+    """Submit a 1-image request arriving now with a `budget_ms` budget."""
+    now = core.clock()
+    return core.submit({"x": np.ones((1, 4), np.float32)}, 1, Budget(budget_ms, 0, budget_ms, now + budget_ms), now)
+
+
 def flat(ms: float):
     return lambda k: ms
 
@@ -233,11 +239,9 @@ def test_admission_off_queues_what_admission_would_refuse():
         core.estimate.observe(1, 100.0)
         core.start()
         try:
-            now = core.clock()
-            core.submit({"x": np.ones((1, 4), np.float32)}, 1, Budget(60000, 0, 60000, now + 60000), now)
+            submit_one(core, 60000)
             await until(lambda: len(rep.calls) == 1, what="dispatch")
-            now = core.clock()
-            core.submit({"x": np.ones((1, 4), np.float32)}, 1, Budget(150, 0, 150, now + 150), now)  # no 503
+            submit_one(core, 150)  # no 503
             return len(core.queue)
         finally:
             rep.release.set()
@@ -257,8 +261,7 @@ def test_queued_request_is_answered_at_its_deadline_while_the_replica_is_busy(es
             core.estimate.observe(1, estimate_ms)
         core.start()
         try:
-            now = core.clock()
-            core.submit({"x": np.ones((1, 4), np.float32)}, 1, Budget(60000, 0, 60000, now + 60000), now)
+            submit_one(core, 60000)
             await until(lambda: len(rep.calls) == 1, what="dispatch")
             now = core.clock()
             t0 = time.monotonic()
@@ -286,11 +289,9 @@ def test_deadline_timer_rearms_when_an_earlier_deadline_arrives():
         core = make_core(rep, admission=False)
         core.start()
         try:
-            now = core.clock()
-            core.submit({"x": np.ones((1, 4), np.float32)}, 1, Budget(60000, 0, 60000, now + 60000), now)
+            submit_one(core, 60000)
             await until(lambda: len(rep.calls) == 1, what="dispatch")
-            now = core.clock()
-            late = core.submit({"x": np.ones((1, 4), np.float32)}, 1, Budget(5000, 0, 5000, now + 5000), now)
+            late = submit_one(core, 5000)
             await asyncio.sleep(0.05)  # the timer now sleeps ~5 s for `late`
             now = core.clock()
             t0 = time.monotonic()
