@@ -14,7 +14,6 @@ Prints a table and, last, one JSON line; writes the runs, a side-by-side timelin
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import tempfile
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sponge.report.jsonline import json_line
 from sponge.config import ServerConfig
 from sponge.models.efficientnet_lite0 import default_model_path
 from sponge.perf.profile_store import load_profile, profile_path_for
@@ -170,8 +170,8 @@ def main() -> int:
         else:
             print()
     print("validation target: simulated within 10 % of live core-seconds and 1 point of attainment")
-    print(json.dumps({"bench": "live", "peak_rps": peak, "slo_ms": args.slo_ms, "duration_s": args.duration_s,
-                      "static_peak_cpu_m": static_cpu, "runs": figures, "sim_vs_live": validation}, default=str))
+    print(json_line({"bench": "live", "peak_rps": peak, "slo_ms": args.slo_ms, "duration_s": args.duration_s,
+                     "static_peak_cpu_m": static_cpu, "runs": figures, "sim_vs_live": validation}))
     return 0
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -38,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from sponge.report.jsonline import json_line
 from sponge.server.process import ServerProcess
 from sponge.workload.httpclient import Pool, closed_loop
 from sponge.workload.loadgen import _photos, _request
@@ -323,7 +323,7 @@ def main() -> int:
         except FileNotFoundError as exc:
             print(f"skipped: the Ghent 4G trace is not available ({exc}); run with --synthetic-budgets for a "
                   f"synthetic budget mix")
-            print(json.dumps({"bench": "overload", "skipped": str(exc)}))
+            print(json_line({"bench": "overload", "skipped": str(exc)}))
             return 0
     rows = [run_overload(args.capacity_rps, args, admission=True)]
     if args.baseline:
@@ -360,8 +360,8 @@ def main() -> int:
     print("RSS: start / before the overload / peak / after it stopped (settled "
           f"{args.settle_s:g} s)")
     print("targets: on time >= 80 % of capacity; refusals p99 <= 10 ms server-side; memory after within 10 % of before")
-    print(json.dumps({"bench": "overload", "cores": len(os.sched_getaffinity(0)), "seconds": args.seconds,
-                      "factor": args.factor, "rows": rows}))
+    print(json_line({"bench": "overload", "cores": len(os.sched_getaffinity(0)), "seconds": args.seconds,
+                     "factor": args.factor, "rows": rows}))
     return 0
 
 

@@ -35,7 +35,6 @@ A readable table, then one final line: a JSON object of the figures.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from sponge.report.jsonline import json_line
 from sponge.config import ServerConfig
 from sponge.perf.fit import ProfilePoint, evaluate, fit_latency_model
 from sponge.perf.profile_store import profile_path_for
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{name} {rt[name]['p95']:.1%}" for name in FITTERS))
     figures["models"] = models
     figures["step_targets_met"] = verdicts
-    print(json.dumps(figures))
+    print(json_line(figures))
     return 0 if run.accepted else 1
 
 
