@@ -16,6 +16,12 @@ window is a `Scenario` (sponge.workload.scenario) — the workload options are `
 by one common factor so that the busiest window peaks at `--peak-rps` (default 24 req/s, what one
 16-core yolov5s replica can serve within ~1 s budgets), keeping "low" low and "high" high. The same
 window's requests are drawn live by `sponge load --trace twitter:<window> --scale <scale>`.
+
+`--trace SPEC` (any `sponge simulate --trace`, e.g. counts:my.txt or times:arrivals.csv) replaces the four
+windows with one window named after the file, scaled so its peak is `--peak-rps`; a file `--network`
+(mahimahi:, bandwidth:) is also the network of the budget figure (a). Without the shared data folder,
+(a) falls back to nothing and (b) to the fits without their source points, so a user's own trace and
+network run anywhere.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from sponge.workload.scenario import Scenario, add_scenario_args, scenario_from_args
+from sponge.workload.scenario import Scenario, add_scenario_args, scenario_from_args, warn_notes
+from sponge.workload.userfiles import file_label
 
 WINDOWS = ("bursty", "steady_low", "steady_high", "fluctuating")
 POLICIES = ("sponge", "paper", "static", "vpa", "hpa", "fa2", "joint", "clairvoyant")
@@ -74,21 +81,29 @@ SPONGE_BUDGETS = Scenario(trace="constant:10", duration_s=600, arrivals="uniform
                           tx_rule="sponge", rtt="none", clients=1, client_offsets="zero")
 
 
-def budget_spread(out: Path, slo_ms: float = 1000.0, image_kibs: Sequence[int] = IMAGE_KIBS, seed: int = 0) -> dict[str, Any]:
-    """Per-request budgets of SPONGE_BUDGETS at each image size."""
+def budget_spread(out: Path, slo_ms: float = 1000.0, image_kibs: Sequence[int] = IMAGE_KIBS, seed: int = 0,
+                  network: str = "ghent") -> dict[str, Any]:
+    """Per-request budgets of SPONGE_BUDGETS at each image size — over a user's network file instead of
+    the Ghent log when `network` is one (mahimahi:, bandwidth:, ghent:PATH)."""
     from sponge.report.plots import plot_budget_spread
 
+    setup = replace(SPONGE_BUDGETS, network=network) if ":" in network else SPONGE_BUDGETS
+    link = "Ghent 4G" if setup.network == "ghent" else setup.network
     budgets: dict[str, np.ndarray] = {}
     stats: dict[str, Any] = {}
     for kib in image_kibs:
-        plan = replace(SPONGE_BUDGETS, image_kib=kib, slo_ms=slo_ms, seed=seed).plan()
+        try:
+            plan = replace(setup, image_kib=kib, slo_ms=slo_ms, seed=seed).plan()
+        except FileNotFoundError as e:  # no shared data and no network file of the user's
+            return {"png": None, "note": f"no budget figure: {e}", "link": link, "network": setup.summary(),
+                    "budgets": {}}
         b = np.array([r.budget_ms for r in plan])
         budgets[f"{kib} KiB"] = b
         stats[f"{kib} KiB"] = {"n": int(b.size), **{f"p{q}": float(np.percentile(b, q)) for q in (1, 5, 50, 95)},
                                "min": float(b.min()), "below_zero": int((b <= 0).sum())}
     png = plot_budget_spread(budgets, out / "budget_spread.png", slo_ms=slo_ms)
-    return {"png": png.name, "slo_ms": slo_ms, "network": SPONGE_BUDGETS.summary(),
-            "scenario": SPONGE_BUDGETS.describe(), "budgets": stats}
+    return {"png": png.name, "slo_ms": slo_ms, "link": link, "network": setup.summary(),
+            "scenario": setup.describe(), "budgets": stats}
 
 
 def fit_plots(out: Path) -> dict[str, Any]:
@@ -100,7 +115,12 @@ def fit_plots(out: Path) -> dict[str, Any]:
     res: dict[str, Any] = {}
     for name in builtin_profile_names():
         info = load_builtin_info(name)
-        pts = read_source_points(shared_data_dir(), name)
+        try:
+            pts = read_source_points(shared_data_dir(), name)
+        except FileNotFoundError as e:  # the fit ships with the package; its source points do not
+            res[name] = {"png": None, "note": str(e), "model": info.model.to_dict(), "r2": info.fit.r2,
+                         "p95_rel_err": info.fit.p95_rel_err}
+            continue
         png = plot_fit(pts, info.model, out / f"fit_{name}.png",
                        title=f"{name} (paper scale): {info.data['source']['file']}")
         res[name] = {"png": png.name, "model": info.model.to_dict(), "r2": info.fit.r2,
@@ -143,6 +163,15 @@ def window_scenarios(base: Scenario, windows: Sequence[str], peak_rps: float) ->
     """The experiment's workloads: `base` over each Twitter window, all scaled by `common_scale`."""
     scale = common_scale(windows, base.damping, peak_rps)
     return {w: replace(base, trace=f"twitter:{w}", scale=scale, peak_rps=None) for w in windows}
+
+
+def trace_scenarios(base: Scenario, trace: str, peak_rps: float) -> dict[str, Scenario]:
+    """A user's trace as the experiment's one window, named after its file and scaled (like the windows)
+    so that its peak — of the whole trace, before --duration-s — is `peak_rps`."""
+    whole = replace(base, trace=trace, duration_s=None, scale=None, peak_rps=None).rate_trace()
+    if whole.peak_rps <= 0:
+        raise ValueError(f"--trace {trace}: no requests to scale")
+    return {file_label(trace): replace(base, trace=trace, scale=peak_rps / whole.peak_rps, peak_rps=None)}
 
 
 def run_window(
@@ -202,6 +231,7 @@ def run_window(
         "window": window,
         "scenario": scenario.describe(),
         "trace": trace.description,
+        "notes": list(scenario.notes()),
         "requests": len(requests),
         "mean_rps": trace.mean_rps,
         "peak_rps": trace.peak_rps,
@@ -243,11 +273,14 @@ def _fmt(v: Any, fmt: str) -> str:
 def summary_markdown(result: dict[str, Any]) -> str:
     d = result["scenario"]["damping"]
     damping = "each window's own damping" if d is None else f"damping {d:g}"
+    windows = (f"User trace `{result['trace']}`, scaled by {result['scale']:.3g} (peak = {result['peak_rps']:g} "
+               f"req/s)" if result.get("trace") else
+               f"Twitter 2021-08 windows at {damping}, all scaled by {result['scale']:.3f} "
+               f"(busiest peak = {result['peak_rps']:g} req/s)")
     lines = ["# Sponge experiment", "",
              f"Model **{result['profile']}**, deployment: {result['deployment']}. "
              f"Request plan: {Scenario(**result['scenario']).summary()}. "
-             f"Twitter 2021-08 windows at {damping}, all scaled by {result['scale']:.3f} "
-             f"(busiest peak = {result['peak_rps']:g} req/s). Simulated with sponge.sim "
+             f"{windows}. Simulated with sponge.sim "
              f"(interval {result['config']['interval_ms']:g} ms, resize delay {result['config']['resize_delay_ms']:g} ms, "
              f"cold start {result['config']['cold_start_ms']:g} ms, expiry {result['config']['expiry']}).", "",
              "**Oracle** = a proven lower bound on the core-seconds of any policy in the same action space that "
@@ -276,6 +309,7 @@ def summary_markdown(result: dict[str, Any]) -> str:
         lines.append(f"- {w['window']} ({w['requests']} requests, mean {w['mean_rps']:.1f}, peak "
                      f"{w['peak_rps']:.1f} req/s; static at peak {w['static']['cpu_m']} m b={w['static']['batch']}): "
                      + "; ".join(parts))
+        lines += [f"  - note: {n}" for n in w.get("notes", [])]
     if any("sponge" in w["runs"] for w in result["windows"]):
         lines += ["", "## Targets for `sponge`", "", "| window | " + " | ".join(t for t, _ in TARGETS) + " |",
                   "| --- |" + " :---: |" * len(TARGETS)]
@@ -290,7 +324,9 @@ def summary_markdown(result: dict[str, Any]) -> str:
                 except (KeyError, TypeError):
                     cells.append("-")
             lines.append(f"| {w['window']} | " + " | ".join(cells) + " |")
-    lines += ["", "## (a) Budget spread (Ghent 4G, first 600 s)", "", f"![budget spread]({result['budgets']['png']})", ""]
+    b = result["budgets"]
+    lines += ["", f"## (a) Budget spread ({b.get('link', 'Ghent 4G')}, first 600 s)", "",
+              f"![budget spread]({b['png']})" if b["png"] else b.get("note", ""), ""]
     for k, v in result["budgets"]["budgets"].items():
         lines.append(f"- {k}: p1 {v['p1']:.0f}, p5 {v['p5']:.0f}, p50 {v['p50']:.0f}, p95 {v['p95']:.0f}, "
                      f"min {v['min']:.0f} ms ({v['below_zero']} already late)")
@@ -305,7 +341,8 @@ def summary_markdown(result: dict[str, Any]) -> str:
             continue
         m = v["model"]
         lines += [f"{k}: g={m['g']:g} d={m['d']:g} e={m['e']:g} h={m['h']:g}, R² {v['r2']:.3f}, "
-                  f"p95 |rel err| {v['p95_rel_err']:.1%}", "", f"![{k} fit]({v['png']})", ""]
+                  f"p95 |rel err| {v['p95_rel_err']:.1%}", "",
+                  f"![{k} fit]({v['png']})" if v["png"] else f"(no picture: {v.get('note')})", ""]
     lines += ["## (c) Timelines", ""]
     for w in result["windows"]:
         if w["png"]:
@@ -365,21 +402,23 @@ def run_experiment(
     profile: str = "yolov5s",
     quiet: bool = False,
     plots: bool = True,
+    trace: str | None = None,
 ) -> dict[str, Any]:
     """Everything of the module docstring into `out`; `base` is the workload of every window but its
-    trace and scale (`window_scenarios`). Returns the figures (also in summary.json)."""
+    trace and scale (`window_scenarios`), or, given a user's `trace`, of its one window
+    (`trace_scenarios`). Returns the figures (also in summary.json)."""
     from sponge.sim.engine import SimConfig
     from sponge.sim.scenario import Deployment
 
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    progress = _Progress(2 + len(windows) * (len(policies) + 3), quiet)
-    budgets = budget_spread(out, base.slo_ms, seed=base.seed)
+    scenarios = trace_scenarios(base, trace, peak_rps) if trace else window_scenarios(base, windows, peak_rps)
+    progress = _Progress(2 + len(scenarios) * (len(policies) + 3), quiet)
+    budgets = budget_spread(out, base.slo_ms, seed=base.seed, network=base.network)
     progress.step("budget spread")
     fits = fit_plots(out)
     progress.step("fit plots")
-    scenarios = window_scenarios(base, windows, peak_rps)
     results = [run_window(w, sc, out, policies=policies, profile=profile, progress=progress, plot=plots)
                for w, sc in scenarios.items()]
     progress.close()
@@ -390,6 +429,7 @@ def run_experiment(
                       f"hpa/fa2 {dep.replica_cpu_m} m replicas",
         "config": asdict(SimConfig(seed=base.seed)),
         "scenario": base.describe(),
+        "trace": trace,
         "scale": next(iter(scenarios.values())).scale,
         "peak_rps": peak_rps,
         "budgets": budgets,
@@ -405,10 +445,16 @@ def run_experiment(
 
 
 def _main(args: argparse.Namespace) -> int:
+    if args.user_trace and args.windows:
+        print("sponge experiment: give --trace (your own trace) or --windows (Twitter windows), not both",
+              file=sys.stderr)
+        return 2
     try:
-        res = run_experiment(args.out, base=scenario_from_args(args), windows=args.windows,
+        base = scenario_from_args(args)
+        warn_notes(replace(base, trace=args.user_trace) if args.user_trace else base, "sponge experiment")
+        res = run_experiment(args.out, base=base, windows=args.windows or WINDOWS,
                              peak_rps=args.busiest_peak_rps, policies=args.policies, profile=args.profile,
-                             quiet=args.quiet, plots=not args.no_plots)
+                             quiet=args.quiet, plots=not args.no_plots, trace=args.user_trace)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"sponge experiment: {e}", file=sys.stderr)
         return 2
@@ -429,12 +475,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("experiment", help="regenerate every figure of the evaluation (simulated, paper scale)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/experiment")
-    p.add_argument("--windows", nargs="+", default=list(WINDOWS), choices=list(WINDOWS))
+    p.add_argument("--windows", nargs="+", default=None, choices=list(WINDOWS),
+                   help=f"Twitter 2021-08 windows to run (default: all: {' '.join(WINDOWS)})")
+    p.add_argument("--trace", dest="user_trace", metavar="SPEC", default=None,
+                   help="your own trace instead of the Twitter windows: any `sponge simulate --trace` (e.g. "
+                        "counts:my.txt, times:arrivals.csv:1), run as one window named after the file and scaled "
+                        "to --peak-rps")
     p.add_argument("--policies", nargs="+", default=list(POLICIES),
                    help="policies to compare ('clairvoyant' is the simulator-only reference)")
     p.add_argument("--profile", default="yolov5s", help="built-in profile or profile JSON for the simulations")
     p.add_argument("--peak-rps", dest="busiest_peak_rps", metavar="RPS", type=float, default=24.0,
-                   help="the busiest window is scaled to this peak; the others by the same factor")
+                   help="the busiest window (or your --trace) is scaled to this peak; the others by the same factor")
     add_scenario_args(p, omit=("trace", "scale", "peak_rps"))
     p.add_argument("--no-plots", action="store_true", help="skip the timeline PNGs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

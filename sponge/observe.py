@@ -33,7 +33,8 @@ class ObservationBuilder:
     the interval just closed, what a run is billed — is derived.
 
     Budgets are kept while they arrived in (now - budget_window_ms - interval_ms, now], at most
-    `max_budgets` (the newest). Rates and usage are over the time actually elapsed since the last tick.
+    `max_budgets` (the newest), in the order fed (arrival order: newest last), each with its age.
+    Rates and usage are over the time actually elapsed since the last tick.
     """
 
     def __init__(self, interval_ms: float, now_ms: float = 0.0, arrivals_total: int = 0,
@@ -93,6 +94,7 @@ class ObservationBuilder:
             cpu_usage_m=tuple(usage_m),
             replicas_starting=replicas_starting,
             batches=tuple(batches),
+            budget_ages_ms=tuple(now_ms - t for t in bt),
         )
 
 

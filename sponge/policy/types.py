@@ -31,13 +31,16 @@ class Observation:
     interval_ms: the adaptation interval.
     arrival_rate_rps: requests per second arrived over the last interval.
     rate_history_rps: per-interval arrival rates, oldest first (the last one equals arrival_rate_rps).
-    budgets_ms: server-side budgets (slo - network) of requests that arrived in the recent window.
+    budgets_ms: server-side budgets (slo - network) of requests that arrived in the recent window, in
+        arrival order (newest last).
     queue_remaining_ms: for each queued request in EDF order, deadline - now (may be negative).
     current: the decision in force.
     cpu_usage_m: measured CPU usage of each replica over the last interval (for usage-based baselines).
     replicas_starting: replicas ordered but not ready yet (cold start in progress).
     batches: batches served since the previous observation (images, cpu_m, latency): free measurements
         of l(b, c) from which a policy may learn its latency model online.
+    budget_ages_ms: now - arrival time of each budget in budgets_ms (same order); empty when the builder
+        was not given arrival times. Lets a policy take "the latest request" or "the last second".
     """
 
     now_ms: float
@@ -50,6 +53,7 @@ class Observation:
     cpu_usage_m: tuple[float, ...] = field(default_factory=tuple)
     replicas_starting: int = 0
     batches: tuple[BatchSample, ...] = ()
+    budget_ages_ms: tuple[float, ...] = ()
 
 
 class Policy(Protocol):

@@ -31,7 +31,7 @@ from sponge.sim.scenario import (
     run_policies,
     static_at_peak,
 )
-from sponge.workload.scenario import add_scenario_args, scenario_from_args
+from sponge.workload.scenario import add_scenario_args, scenario_from_args, warn_notes
 
 
 def add_deployment_args(p: argparse.ArgumentParser) -> None:
@@ -115,6 +115,7 @@ def _main(args: argparse.Namespace) -> int:
         model, model_desc = load_model(args.profile)
         scenario = scenario_from_args(args)
         requests, trace = request_set(scenario)
+        warn_notes(scenario, "sponge simulate")
         overrides = parse_overrides(args.set or [])
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"sponge simulate: {e}", file=sys.stderr)

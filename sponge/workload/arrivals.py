@@ -1,7 +1,8 @@
 """Arrival times from a per-second rate trace.
 
 The trace gives a rate per second; within a second the arrivals are either a Poisson process (random,
-the usual open-loop model) or evenly spaced (what a paced load tester does). Deterministic under a
+the usual open-loop model) or evenly spaced (what a paced load tester does). A trace read from a file
+of arrival times carries them, and they are used as they are. Deterministic under a
 seed so the live load generator and the simulator can replay the same arrivals.
 """
 
@@ -44,7 +45,10 @@ def arrival_times_ms(
     poisson: second i gets N_i ~ Poisson(rate_i) arrivals at independent uniform times in it, which is
              exactly a Poisson process with piecewise-constant intensity.
     uniform: second i gets its carried-over integer count, evenly spaced from the second's start.
+    A trace read from arrival times (`RateTrace.times_ms`) gives exactly those times, whatever the mode.
     """
+    if isinstance(trace, RateTrace) and trace.times_ms is not None:
+        return np.array(trace.times_ms, dtype=np.float64) + float(start_ms)
     rates = _rates(trace)
     secs = np.arange(rates.size, dtype=np.float64)
     if mode == "poisson":

@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from tqdm import tqdm
 from sponge.report.results import RequestRecord, TimelineRecord, write_run
 from sponge.workload.httpclient import Pool
 from sponge.workload.requests import PlannedRequest
-from sponge.workload.scenario import Scenario, add_scenario_args, scenario_from_args
+from sponge.workload.scenario import Scenario, add_scenario_args, scenario_from_args, warn_notes
 
 CAT_LABELS = ("tabby", "tiger cat", "Egyptian cat")
 PHOTOS = {"chelsea": CAT_LABELS, "coffee": ("espresso", "cup")}
@@ -164,7 +165,13 @@ def run_load(scenario: Scenario, url: str, model: str, out: str | Path, token: s
 
 
 def _load(args: argparse.Namespace) -> int:
-    scenario = scenario_from_args(args)
+    try:
+        scenario = scenario_from_args(args)
+        warn_notes(scenario, "sponge load")  # reads the trace and network files: a malformed one fails here
+        scenario.network_model()
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"sponge load: {e}", file=sys.stderr)
+        return 2
     figures = run_load(scenario, args.url, args.model, args.out, args.admin_token, args.max_in_flight,
                        args.timeout_s)
     from sponge.report.results import read_run

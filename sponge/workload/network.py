@@ -41,6 +41,7 @@ class BandwidthTrace:
     dur_ms: np.ndarray
     bps: np.ndarray
     description: str = ""
+    notes: tuple[str, ...] = ()  # what the reader found in the file and did about it (for warnings, reports)
     _cum: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -73,7 +74,8 @@ class BandwidthTrace:
             raise ValueError(f"scale factor must be > 0, got {factor}")
         if factor == 1.0:
             return self
-        return BandwidthTrace(self.start_ms, self.dur_ms, self.bps * factor, f"{self.description} x{factor:g}")
+        return BandwidthTrace(self.start_ms, self.dur_ms, self.bps * factor, f"{self.description} x{factor:g}",
+                              self.notes)
 
     def index_at(self, t_ms: np.ndarray | float) -> np.ndarray:
         """Sample index covering trace time t (after wrapping)."""
@@ -128,6 +130,7 @@ class MahimahiTrace:
 
     times_ms: np.ndarray
     description: str = ""
+    notes: tuple[str, ...] = ()  # what the reader found in the file (long silences), for warnings and reports
 
     def __post_init__(self) -> None:
         t = np.asarray(self.times_ms, dtype=np.float64)
@@ -251,10 +254,14 @@ def read_5gophers_throughput(
     return BandwidthTrace.from_samples(np.array(mbps) * 1e6, 1000.0, desc)
 
 
+MAHIMAHI_SILENCE_MS = 1000  # a wait this long for the next delivery opportunity is reported
+
+
 def read_mahimahi(path: str | Path) -> MahimahiTrace:
     """A mahimahi link trace: one integer ms timestamp per line (a 1500-byte delivery opportunity).
 
-    For uploads, pass the `.up` file of a pair.
+    For uploads, pass the `.up` file of a pair. Repeated timestamps are several packets in the same ms
+    (normal); a decreasing one is an error, as in mahimahi itself. Long silences are reported in `notes`.
     """
     p = Path(path)
     times = []
@@ -266,11 +273,27 @@ def read_mahimahi(path: str | Path) -> MahimahiTrace:
             times.append(int(s))
         except ValueError:
             raise ValueError(f"{p}:{lineno}: expected an integer millisecond timestamp, got {s!r}") from None
+        if times[-1] < 0:
+            raise ValueError(f"{p}:{lineno}: negative timestamp {times[-1]}")
         if len(times) > 1 and times[-1] < times[-2]:
             raise ValueError(f"{p}:{lineno}: timestamps must be non-decreasing ({times[-1]} < {times[-2]})")
     if not times:
         raise ValueError(f"{p}: no timestamps")
-    return MahimahiTrace(np.array(times, dtype=np.float64), f"mahimahi {p.name}")
+    if times[-1] <= 0:
+        raise ValueError(f"{p}: the last timestamp (the period) must be > 0")
+    t = np.array(times, dtype=np.float64)
+    return MahimahiTrace(t, f"mahimahi {p.name}", _mahimahi_notes(p, t))
+
+
+def _mahimahi_notes(p: Path, t: np.ndarray) -> tuple[str, ...]:
+    """A finding when the link offers no delivery for >= MAHIMAHI_SILENCE_MS (uploads wait across it)."""
+    waits = np.diff(np.concatenate(([0.0], t)))
+    long = np.flatnonzero(waits >= MAHIMAHI_SILENCE_MS)
+    if not long.size:
+        return ()
+    i = int(long[np.argmax(waits[long])])
+    return (f"{p}: {long.size} silence(s) of >= {MAHIMAHI_SILENCE_MS} ms without a delivery opportunity "
+            f"(longest {waits[i]:.0f} ms, before {t[i]:.0f} ms); kept: uploads wait across them",)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import json
 import os
 import tarfile
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -30,23 +30,45 @@ GapMode = Literal["skip", "interpolate", "keep"]
 
 @dataclass(frozen=True, eq=False)
 class RateTrace:
-    """Per-second request rates (req/s, float, >= 0) and a human-readable description."""
+    """Per-second request rates (req/s, float, >= 0) and a human-readable description.
+
+    `notes` carries what a reader found in the file and did about it (gaps, sorting, duplicates), so a
+    command can warn about it and a report can show it. A trace read from a list of arrival times keeps
+    them in `times_ms` (sorted, ms from 0): the request plan then sends at exactly those times, and
+    `rps` is recomputed as their per-second counts (the `rps` given only sets the minimum length).
+    """
 
     rps: np.ndarray
     description: str = ""
+    notes: tuple[str, ...] = ()
+    times_ms: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         a = np.array(self.rps, dtype=np.float64)  # own copy: callers cannot mutate it behind us
         if a.ndim != 1:
             raise ValueError(f"RateTrace.rps must be 1-D, got shape {a.shape}")
+        if self.times_ms is not None:
+            t = np.array(self.times_ms, dtype=np.float64)
+            if t.ndim != 1 or (t.size and (not np.all(np.isfinite(t)) or t[0] < 0 or np.any(np.diff(t) < 0))):
+                raise ValueError("RateTrace.times_ms must be 1-D, finite, >= 0 and sorted")
+            t.setflags(write=False)
+            object.__setattr__(self, "times_ms", t)
+            a = np.bincount((t // 1000.0).astype(np.int64), minlength=a.size).astype(np.float64)
         if a.size and (not np.all(np.isfinite(a)) or a.min() < 0):
             raise ValueError("RateTrace.rps must be finite and >= 0")
         a.setflags(write=False)
         object.__setattr__(self, "rps", a)
+        object.__setattr__(self, "notes", tuple(self.notes))
 
     @classmethod
     def constant(cls, rps: float, seconds: int) -> RateTrace:
         return cls(np.full(int(seconds), float(rps)), f"constant {rps:g} req/s for {seconds} s")
+
+    @classmethod
+    def from_times(cls, times_ms: np.ndarray, description: str = "", notes: tuple[str, ...] = (),
+                   duration_s: int = 0) -> RateTrace:
+        """Exact arrival times (sorted ms from 0); the trace lasts at least `duration_s`."""
+        return cls(np.zeros(int(duration_s)), description, notes, np.asarray(times_ms, dtype=np.float64))
 
     @property
     def duration_s(self) -> int:
@@ -65,17 +87,56 @@ class RateTrace:
         return float(self.rps.sum())
 
     def window(self, start: int, end: int | None = None) -> RateTrace:
-        """Seconds [start, end) of this trace (relative to its own start)."""
-        return RateTrace(self.rps[start:end], f"{self.description} [{start}:{'' if end is None else end}]")
+        """Seconds [start, end) of this trace (relative to its own start); arrival times are rebased to start."""
+        desc = f"{self.description} [{start}:{'' if end is None else end}]"
+        if self.times_ms is None:
+            return RateTrace(self.rps[start:end], desc, self.notes)
+        lo, hi, _ = slice(start, end).indices(self.duration_s)
+        t = self.times_ms
+        kept = t[(t >= lo * 1000.0) & (t < hi * 1000.0)] - lo * 1000.0
+        return RateTrace.from_times(kept, desc, self.notes, max(hi - lo, 0))
+
+    def scaled(self, factor: float, seed: int = 0) -> RateTrace:
+        """Rates multiplied by `factor`; arrival times thinned or replicated (`scale_times`, seeded)."""
+        if not (factor >= 0 and np.isfinite(factor)):
+            raise ValueError(f"scale factor must be finite and >= 0, got {factor}")
+        desc = f"{self.description}, x{factor:.3g}"
+        if self.times_ms is None:
+            return RateTrace(self.rps * factor, desc, self.notes)
+        t = scale_times(self.times_ms, factor, np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(SCALE_STREAM,))))
+        return RateTrace.from_times(t, desc, self.notes, self.duration_s)
 
     def __len__(self) -> int:
         return self.duration_s
 
     def __repr__(self) -> str:
+        kind = f", {self.times_ms.size} exact arrivals" if self.times_ms is not None else ""
         return (
             f"RateTrace({self.description!r}, {self.duration_s} s, mean {self.mean_rps:.2f}, "
-            f"peak {self.peak_rps:.2f} req/s)"
+            f"peak {self.peak_rps:.2f} req/s{kind})"
         )
+
+
+SCALE_STREAM = 7  # spawn key of the seeded stream that thins/replicates arrival times (plan streams are 0-3)
+
+
+def scale_times(times_ms: np.ndarray, factor: float, rng: np.random.Generator) -> np.ndarray:
+    """Arrival times scaled in number by `factor`, keeping the time axis and the per-second shape.
+
+    factor < 1: each arrival is kept with probability `factor` (seeded thinning; kept ones keep their
+    exact time). factor >= 1: every arrival is kept, plus floor(factor) - 1 copies and one more with
+    probability factor - floor(factor); each copy lands uniformly at random within its original's
+    second. So the expected count of every second is multiplied by `factor` (exactly, for integers),
+    and no arrival leaves its second.
+    """
+    t = np.asarray(times_ms, dtype=np.float64)
+    if factor < 1.0:
+        return t[rng.random(t.size) < factor]
+    whole = int(np.floor(factor))
+    copies = np.full(t.size, whole - 1, dtype=np.int64) + (rng.random(t.size) < factor - whole)
+    base = np.repeat(np.floor(t / 1000.0) * 1000.0, copies)
+    extra = base + rng.random(base.size) * 1000.0
+    return np.sort(np.concatenate((t, extra)), kind="stable")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,22 +337,29 @@ def twitter_2018(
 T = TypeVar("T", RateTrace, np.ndarray)
 
 
-def scale_to_peak(rates: T, peak_rps: float) -> T:
-    """Scale a trace linearly so its maximum equals `peak_rps` (fit a trace to what a machine serves)."""
+def scale_to_peak(rates: T, peak_rps: float, seed: int = 0) -> T:
+    """Scale a trace linearly so its maximum equals `peak_rps` (fit a trace to what a machine serves).
+
+    A trace of arrival times is thinned/replicated by the same factor (`scale_times`, seeded), so its
+    busiest second lands near `peak_rps`, not exactly on it."""
     arr = rates.rps if isinstance(rates, RateTrace) else np.asarray(rates, dtype=np.float64)
     top = float(arr.max()) if arr.size else 0.0
     if top <= 0:
         raise ValueError("cannot scale a trace whose peak is 0")
     if peak_rps < 0:
         raise ValueError(f"peak_rps must be >= 0, got {peak_rps}")
+    if isinstance(rates, RateTrace) and rates.times_ms is not None:
+        return replace(rates.scaled(peak_rps / top, seed),
+                       description=f"{rates.description}, scaled to peak {peak_rps:g} req/s")
     scaled = arr * (peak_rps / top)
     if isinstance(rates, RateTrace):
-        return RateTrace(scaled, f"{rates.description}, scaled to peak {peak_rps:g} req/s")
+        return RateTrace(scaled, f"{rates.description}, scaled to peak {peak_rps:g} req/s", rates.notes)
     return scaled
 
 
-def scale_to_mean(rates: RateTrace, mean_rps: float) -> RateTrace:
-    """Scale a trace linearly so its mean equals `mean_rps`."""
+def scale_to_mean(rates: RateTrace, mean_rps: float, seed: int = 0) -> RateTrace:
+    """Scale a trace linearly so its mean equals `mean_rps` (arrival times: in expectation)."""
     if rates.mean_rps <= 0:
         raise ValueError("cannot scale a trace whose mean is 0")
-    return RateTrace(rates.rps * (mean_rps / rates.mean_rps), f"{rates.description}, scaled to mean {mean_rps:g}")
+    return replace(rates.scaled(mean_rps / rates.mean_rps, seed),
+                   description=f"{rates.description}, scaled to mean {mean_rps:g}")
