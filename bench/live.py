@@ -14,6 +14,7 @@ Prints a table and, last, one JSON line; writes the runs, a side-by-side timelin
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import tempfile
 import os
@@ -30,7 +31,7 @@ from sponge.perf.profile_store import load_profile, profile_path_for
 from sponge.policy.sponge_opt import SpongeOptimizer
 from sponge.report.plots import plot_timelines
 from sponge.report.results import read_run
-from sponge.report.summary import format_table, summarize
+from sponge.report.summary import format_table, saveable_floor_ms, summarize
 from sponge.server.process import ADMIN_TOKEN, ServerProcess
 from sponge.perf.profiler import default_cpu_grid, run_profile
 from sponge.server.serve import load_offline_profile, make_learning_policy, make_policy_for
@@ -87,6 +88,7 @@ def main() -> int:
     m = profile.model
     truth = profile.step_model or m  # what the simulator runs batches on: Sponge's model of this machine
     best = max(m.throughput_rps(b, max_cpu_m) for b in range(1, args.max_batch + 1))
+    floor = saveable_floor_ms(truth, max_cpu_m)  # budgets under one image at all cores are unsaveable
     peak = round(args.peak_fraction * best, 1)
     scenario = Scenario(trace=f"twitter:{args.window}", peak_rps=peak, duration_s=args.duration_s,
                         slo_ms=args.slo_ms, image_kib=args.image_kib)
@@ -121,6 +123,8 @@ def main() -> int:
             run_load(scenario, srv.url, "efficientnet-lite0", out / name, ADMIN_TOKEN, label=name)
         finally:
             srv.stop()
+        meta_path = out / name / "run.json"  # so `sponge report` splits off the unsaveable requests too
+        meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "saveable_floor_ms": floor}, indent=2))
         reqs, tl, _ = read_run(out / name)
         runs[name] = (reqs, tl)
         if name == "sponge-online":
@@ -131,14 +135,16 @@ def main() -> int:
                        SimConfig(interval_ms=cfg.interval_ms, resize_delay_ms=5.0, noise_sigma=noise,
                                  max_wait_ms=cfg.max_batch_wait_ms, initial_cpu_m=start_cpu,
                                  initial_batch=start_batch, expiry=cfg.expiry_policy))
+        sim.saveable_floor_ms = floor
         sim.write(out / f"{name}-sim")
         sreqs, stl, _ = read_run(out / f"{name}-sim")
-        sims[name] = summarize(sreqs, stl)
+        sims[name] = summarize(sreqs, stl, floor)
 
-    summaries = {n: summarize(r, t) for n, (r, t) in runs.items()}
+    summaries = {n: summarize(r, t, floor) for n, (r, t) in runs.items()}
     print("\n" + format_table(summaries))
     print("\nlive vs simulated (same requests, measured profile, same policy objects):")
-    print(f"{'':14}{'attainment live':>16}{'sim':>9}{'diff (pts)':>11}{'core-s live':>13}{'sim':>8}{'ratio':>7}")
+    print(f"{'':14}{'attainment live':>16}{'sim':>9}{'diff (pts)':>11}{'saveable live':>14}{'sim':>9}"
+          f"{'core-s live':>13}{'sim':>8}{'ratio':>7}")
     validation = {}
     for n, s in summaries.items():
         if n not in sims:
@@ -146,10 +152,13 @@ def main() -> int:
         sim_s = sims[n]
         validation[n] = {"attainment_live": s.attainment, "attainment_sim": sim_s.attainment,
                          "attainment_diff_pts": 100 * (sim_s.attainment - s.attainment),
+                         "attainment_saveable_live": s.attainment_saveable,
+                         "attainment_saveable_sim": sim_s.attainment_saveable,
                          "core_s_live": s.core_seconds, "core_s_sim": sim_s.core_seconds,
                          "core_s_ratio": sim_s.core_seconds / s.core_seconds if s.core_seconds else float("nan")}
         v = validation[n]
         print(f"{n:14}{v['attainment_live']:>16.2%}{v['attainment_sim']:>9.2%}{v['attainment_diff_pts']:>11.2f}"
+              f"{v['attainment_saveable_live']:>14.2%}{v['attainment_saveable_sim']:>9.2%}"
               f"{v['core_s_live']:>13.0f}{v['core_s_sim']:>8.0f}{v['core_s_ratio']:>7.2f}")
     png = plot_timelines(runs, out / "timelines.png",
                          title=f"live: {args.window} window, peak {peak} req/s, SLO {args.slo_ms:.0f} ms, 4G budgets")
@@ -161,7 +170,8 @@ def main() -> int:
     print(f"timelines: {png}")
     if "sponge" in summaries and ref is not None:
         sp = summaries["sponge"]
-        print(f"targets (sponge): attainment >= 99 %: {sp.attainment:.2%}; core-s <= 0.8x static-max: "
+        print(f"targets (sponge): attainment >= 99 %: {sp.attainment:.2%} (saveable {sp.attainment_saveable:.2%}, "
+              f"{sp.unsaveable} unsaveable under {floor:.1f} ms); core-s <= 0.8x static-max: "
               f"{sp.core_seconds / ref.core_seconds:.2f}x", end="")
         if "paper" in summaries:
             pa = summaries["paper"]
@@ -171,6 +181,7 @@ def main() -> int:
             print()
     print("validation target: simulated within 10 % of live core-seconds and 1 point of attainment")
     print(json_line({"bench": "live", "peak_rps": peak, "slo_ms": args.slo_ms, "duration_s": args.duration_s,
+                     "saveable_floor_ms": floor,
                      "static_peak_cpu_m": static_cpu, "runs": figures, "sim_vs_live": validation}))
     return 0
 

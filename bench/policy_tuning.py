@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sponge.report.summary import saveable_floor_ms, summarize
 from sponge.sim.engine import SimConfig, simulate
 from sponge.sim.scenario import (
     Deployment,
@@ -131,8 +132,7 @@ def main() -> None:
             for name, params in configs:
                 t0 = time.perf_counter()
                 r = run_sponge(requests, model, dep, cfg, static, params)
-                saveable = requests.budget_ms >= model.latency_ms(1, dep.max_cpu_m)  # as the oracle's step 0
-                sav_att = float((r.outcome[saveable] == 1).mean())
+                sav_att = summarize(r.records(), (), saveable_floor_ms(model, dep.max_cpu_m)).attainment_saveable
                 row = {"setting": label, "seed": seed, "config": name, "params": params,
                        "attainment": r.attainment, "saveable_attainment": sav_att,
                        "misses": int((r.outcome != 1).sum()),

@@ -128,3 +128,60 @@ def test_report_command(tmp_path, capsys, records: list[RequestRecord], timeline
     assert args.func(args) == 2  # one name per run, clearly refused
     args = parser.parse_args(["report", str(tmp_path / "missing")])
     assert args.func(args) == 2
+
+
+def _saveable_records() -> list[RequestRecord]:
+    # already late (budget <= 0), under the floor (30 < 50 ms), at the floor and ok, ok, late
+    return [
+        _rec(0, "expired", 2.0, budget=-20.0, net=1020.0),
+        _rec(1, "late", 40.0, budget=30.0, net=970.0),
+        _rec(2, "ok", 45.0, budget=50.0, net=950.0),
+        _rec(3, "ok", 300.0, budget=500.0),
+        _rec(4, "late", 450.0, budget=400.0),
+    ]
+
+
+def test_saveable_attainment_by_hand() -> None:
+    recs = _saveable_records()
+    s = summary.summarize(recs, saveable_floor_ms=50.0)
+    assert s.attainment == pytest.approx(2 / 5)
+    # unsaveable: the already-late one and the one under l(1, max CPU) = 50 ms; a budget equal to the floor
+    # is saveable. Saveable: 3, of which 2 ok.
+    assert s.unsaveable == 2 and s.attainment_saveable == pytest.approx(2 / 3)
+    assert s.saveable_floor_ms == 50.0
+    # Without a floor only budget <= 0 is unsaveable: 4 saveable, 2 ok.
+    s0 = summary.summarize(recs)
+    assert s0.unsaveable == 1 and s0.attainment_saveable == pytest.approx(0.5)
+    assert s0.as_dict()["saveable_floor_ms"] is None
+    # No saveable request at all: undefined, None in JSON.
+    none = summary.summarize(recs, saveable_floor_ms=1_000.0)
+    assert none.unsaveable == 5 and math.isnan(none.attainment_saveable)
+    assert none.as_dict()["attainment_saveable"] is None
+    assert summary.is_saveable(50.0, 50.0) and not summary.is_saveable(0.0) and not summary.is_saveable(49.9, 50.0)
+    # Both tables carry the split.
+    t = summary.format_table({"a": s, "b": s0}).splitlines()
+    assert next(x for x in t if x.startswith("  of saveable requests")).split()[-2:] == ["66.67%", "50.00%"]
+    assert next(x for x in t if x.startswith("unsaveable")).split()[-2:] == ["2", "1"]
+    md = summary.format_markdown({"a": s, "b": s0})
+    assert "| of saveable requests | 66.67% | 50.00% |" in md and "| saveable floor (ms) | 50.0 | - |" in md
+
+
+def test_saveable_floor_from_run_json_or_the_flag(tmp_path, capsys) -> None:
+    recs = _saveable_records()
+    write_run(tmp_path / "sim", recs, [], {"policy": "sponge", "saveable_floor_ms": 50.0})
+    write_run(tmp_path / "live", recs, [], {"policy": "paper"})  # a live run without a floor
+    parser = argparse.ArgumentParser(prog="sponge")
+    cli.register(parser.add_subparsers())
+    args = parser.parse_args(["report", str(tmp_path / "sim"), str(tmp_path / "live"), "--out", str(tmp_path / "o")])
+    assert args.func(args) == 0
+    runs = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["runs"]
+    assert runs["sponge"]["unsaveable"] == 2 and runs["sponge"]["attainment_saveable"] == pytest.approx(2 / 3)
+    assert runs["sponge"]["saveable_floor_ms"] == 50.0
+    assert runs["paper"]["unsaveable"] == 1 and runs["paper"]["saveable_floor_ms"] is None
+    # --saveable-floor-ms overrides run.json for every run
+    args = parser.parse_args(["report", str(tmp_path / "sim"), str(tmp_path / "live"), "--out", str(tmp_path / "o"),
+                              "--saveable-floor-ms", "35"])
+    assert args.func(args) == 0
+    runs = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["runs"]
+    assert runs["sponge"]["unsaveable"] == runs["paper"]["unsaveable"] == 2  # -20 and 30 < 35
+    assert runs["paper"]["attainment_saveable"] == pytest.approx(2 / 3)

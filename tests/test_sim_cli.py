@@ -12,6 +12,7 @@ from sponge import experiment
 from markers import needs_data
 from sponge.report.results import read_run
 from sponge.sim import cli as sim_cli
+from sponge.sim.scenario import Deployment, load_model
 
 
 def _run(register, argv: list[str]) -> int:
@@ -40,6 +41,16 @@ def test_simulate_writes_runs_and_a_json_line(tmp_path, capsys, scenario):
     assert fig["runs"]["static"]["core_seconds_exact"] == pytest.approx(8.0 * 60, rel=0.05)
     reqs, tl, meta = read_run(out / "sponge")
     assert len(reqs) == fig["requests"] and meta["params"]["headroom"] == 0.2
+    # Saveable requests counted apart (DESIGN §5), against l(1, max CPU) of the deployment's model,
+    # which every run directory records.
+    model, _ = load_model("yolov5s")
+    floor = model.latency_ms(1, Deployment().max_cpu_m)
+    assert meta["saveable_floor_ms"] == pytest.approx(floor)
+    budgets = [r.budget_ms for r in reqs]
+    for name, run in fig["runs"].items():
+        assert run["saveable_floor_ms"] == pytest.approx(floor), name
+        assert run["unsaveable"] == sum(b <= 0 or b < floor for b in budgets), name
+        assert run["attainment_saveable"] is not None and run["attainment_saveable"] >= run["attainment"] - 1e-12
     assert (out / "simulate.json").is_file()
 
 

@@ -38,15 +38,29 @@ def _default_out(dirs: list[Path]) -> Path:
     return Path(os.path.commonpath([str(d.resolve()) for d in dirs])) / "report"
 
 
-def run_report(run_dirs: list[str], out: str | None = None, names: list[str] | None = None) -> dict[str, Any]:
-    """Read runs, write timeline.png + summary.md + summary.json into `out`; return the figures."""
+def _floor(meta: dict[str, Any], override: float | None) -> float | None:
+    """The run's l(1, max CPU) for the saveable split: the override, else run.json's, else none."""
+    if override is not None:
+        return override
+    v = meta.get("saveable_floor_ms")
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def run_report(run_dirs: list[str], out: str | None = None, names: list[str] | None = None,
+               saveable_floor_ms: float | None = None) -> dict[str, Any]:
+    """Read runs, write timeline.png + summary.md + summary.json into `out`; return the figures.
+
+    Saveable attainment uses each run's `saveable_floor_ms` from its run.json (simulated runs and
+    bench/live.py's carry it), or `saveable_floor_ms` for every run when given; without either only
+    requests that arrived already late are unsaveable."""
     dirs = [Path(d) for d in run_dirs]
     for d in dirs:
         if not (d / "requests.csv").is_file():
             raise FileNotFoundError(f"{d}: not a run directory (no requests.csv)")
     loaded = [read_run(d) for d in dirs]
     labels = _names(dirs, names, [m for _, _, m in loaded])
-    summaries: dict[str, Summary] = {n: summarize(r, tl) for n, (r, tl, _) in zip(labels, loaded)}
+    summaries: dict[str, Summary] = {n: summarize(r, tl, _floor(m, saveable_floor_ms))
+                                     for n, (r, tl, m) in zip(labels, loaded)}
     out_dir = Path(out) if out else _default_out(dirs)
     out_dir.mkdir(parents=True, exist_ok=True)
     png = plot_timelines({n: (r, tl) for n, (r, tl, _) in zip(labels, loaded)}, out_dir / "timeline.png")
@@ -68,7 +82,7 @@ def run_report(run_dirs: list[str], out: str | None = None, names: list[str] | N
 
 def _main(args: argparse.Namespace) -> int:
     try:
-        figures = run_report(args.run_dirs, args.out, args.names)
+        figures = run_report(args.run_dirs, args.out, args.names, args.saveable_floor_ms)
     except (FileNotFoundError, ValueError) as e:
         print(f"sponge report: {e}", file=sys.stderr)
         return 2
@@ -85,4 +99,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (requests.csv, timeline.csv)")
     p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/report, or the common parent)")
     p.add_argument("--names", nargs="+", default=None, help="column names, one per run")
+    p.add_argument("--saveable-floor-ms", type=float, default=None, metavar="MS",
+                   help="l(1, max CPU): budgets below it count as unsaveable (default: each run.json's "
+                        "saveable_floor_ms; without one, only budgets <= 0)")
     p.set_defaults(func=_main)

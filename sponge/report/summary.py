@@ -10,6 +10,10 @@ Conventions:
     stays finite. `p99_e2e_over_slo` = p99 of e2e_ms / slo_ms, the user's view.
   * core-seconds = integral of total_cpu_m over time / 1000, each timeline row covering the interval
     since the previous row (the first since t=0).
+  * saveable (DESIGN §5): a request is *unsaveable* if it arrived already late (budget <= 0) or its budget
+    is shorter than one inference at full allocation, l(1, max CPU) of the deployment's latency model
+    (`saveable_floor_ms`); no policy can meet those. `attainment_saveable` = ok among the saveable ones.
+    Without a floor only budget <= 0 counts as unsaveable.
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ class Summary:
     max_cpu_m: float = math.nan
     duration_s: float = math.nan  # span of the timeline (or of send times if there is none)
     mean_rps: float = math.nan
+    unsaveable: int = 0  # arrived late (budget <= 0) or budget < saveable_floor_ms
+    attainment_saveable: float = math.nan  # fraction ok among the saveable requests (NaN if none)
+    saveable_floor_ms: float = math.nan  # l(1, max CPU) the split used (NaN: budget <= 0 only)
 
     @property
     def misses(self) -> int:
@@ -70,8 +77,25 @@ def core_seconds(timeline: Sequence[TimelineRecord]) -> tuple[float, float]:
     return total_m_ms / 1000.0 / 1000.0, prev / 1000.0
 
 
-def summarize(requests: Sequence[RequestRecord], timeline: Sequence[TimelineRecord] = ()) -> Summary:
-    """All figures of one run from its request and timeline records."""
+def saveable_floor_ms(model: Any, max_cpu_m: float) -> float:
+    """l(1, max CPU): the shortest budget any policy of the deployment can meet (one image, all the CPU).
+    `model` is anything with `latency_ms(batch, cpu_m)` (sponge.perf's models)."""
+    return float(model.latency_ms(1, max_cpu_m))
+
+
+def is_saveable(budget_ms: float, floor_ms: float | None = None) -> bool:
+    """The one definition (DESIGN §5): not already late, and at least one inference at full allocation."""
+    return budget_ms > 0 and (floor_ms is None or budget_ms >= floor_ms)
+
+
+def summarize(requests: Sequence[RequestRecord], timeline: Sequence[TimelineRecord] = (),
+              saveable_floor_ms: float | None = None) -> Summary:
+    """All figures of one run from its request and timeline records.
+
+    `saveable_floor_ms` = l(1, max CPU) of the deployment's model (see `saveable_floor_ms()`): requests
+    with a shorter budget are counted apart as unsaveable. Without it (None), only requests that arrived
+    already late (budget <= 0) are unsaveable, so `attainment_saveable` is then an upper bound.
+    """
     n = len(requests)
     counts = {o: 0 for o in OUTCOMES}
     for r in requests:
@@ -82,6 +106,8 @@ def summarize(requests: Sequence[RequestRecord], timeline: Sequence[TimelineReco
     over_budget = np.array([r.server_ms / max(r.budget_ms, MIN_BUDGET_MS) for r in served])
     over_slo = np.array([r.e2e_ms / r.slo_ms for r in served if math.isfinite(r.e2e_ms) and r.slo_ms > 0])
     budgets = np.array([r.budget_ms for r in requests], dtype=np.float64)
+    saveable = [r for r in requests if is_saveable(r.budget_ms, saveable_floor_ms)]
+    saved = sum(1 for r in saveable if r.outcome == "ok")
 
     if timeline:
         cs, dur = core_seconds(timeline)
@@ -106,6 +132,9 @@ def summarize(requests: Sequence[RequestRecord], timeline: Sequence[TimelineReco
         max_cpu_m=max_cpu,
         duration_s=dur,
         mean_rps=n / dur if dur and dur > 0 else math.nan,
+        unsaveable=n - len(saveable),
+        attainment_saveable=saved / len(saveable) if saveable else math.nan,
+        saveable_floor_ms=math.nan if saveable_floor_ms is None else float(saveable_floor_ms),
     )
 
 
@@ -113,6 +142,9 @@ def summarize(requests: Sequence[RequestRecord], timeline: Sequence[TimelineReco
 _ROWS: list[tuple[str, str, str]] = [
     ("requests", "requests", "{:.0f}"),
     ("SLO attainment", "attainment", "{:.2%}"),
+    ("  of saveable requests", "attainment_saveable", "{:.2%}"),
+    ("unsaveable", "unsaveable", "{:.0f}"),
+    ("saveable floor (ms)", "saveable_floor_ms", "{:.1f}"),
     ("misses", "misses", "{:.0f}"),
     *[(f"  {o}", f"count:{o}", "{:.0f}") for o in OUTCOMES],
     ("server p50 (ms)", "p50_server_ms", "{:.1f}"),

@@ -144,6 +144,9 @@ class SimResult:
     events: int
     config: SimConfig
     meta: dict[str, Any] = field(default_factory=dict)
+    # l(1, max CPU) of the deployment's model (sponge.report.summary.saveable_floor_ms): budgets below it
+    # are unsaveable (DESIGN §5). Set by whoever knows the deployment (sim.scenario.run_policies).
+    saveable_floor_ms: float | None = None
 
     @property
     def n(self) -> int:
@@ -186,6 +189,7 @@ class SimResult:
             "end_ms": self.end_ms,
             "core_seconds": self.core_seconds,
             "counts": self.counts(),
+            "saveable_floor_ms": self.saveable_floor_ms,
             "wall_s": self.wall_s,
             "events": self.events,
             "config": asdict(self.config),

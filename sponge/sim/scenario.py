@@ -20,6 +20,7 @@ from sponge.perf.builtin_profiles import builtin_profile_names, load_builtin_pro
 from sponge.perf.latency_model import LatencyModel
 from sponge.policy import make_policy
 from sponge.policy.types import Decision, Policy
+from sponge.report.summary import saveable_floor_ms
 from sponge.sim.engine import SimConfig, SimResult, simulate
 from sponge.sim.inputs import RequestSet
 from sponge.sim.oracle import ActionSpace
@@ -226,6 +227,7 @@ def run_policies(
         cb = (lambda f, n=name: progress(n, f)) if progress else None
         res = simulate(requests, model, pol, cfg, cb)
         res.meta.update({"name": name, "params": params, "space": dep.space_of(name).describe()})
+        res.saveable_floor_ms = saveable_floor_ms(model, dep.max_cpu_m)
         out[name] = res
     return out
 
