@@ -62,8 +62,9 @@ def smallest_static(model, scenario: Scenario, peak_rps: float, max_cpu_m: int, 
     """The least CPU (and its batch) that the sponge feasibility rule says holds the peak load with
     the scenario's budget distribution and no backlog — the best a static allocation can be sized."""
     budgets = [p.budget_ms for p in scenario.plan()]
-    opt = SpongeOptimizer(model, min_cpu_m=100, max_cpu_m=max_cpu_m, max_batch=max_batch)
-    plan = opt.plan(budgets, [], peak_rps * (1 + opt.headroom), 1000.0)
+    opt = SpongeOptimizer(model, min_cpu_m=100, max_cpu_m=max_cpu_m, max_batch=max_batch, per_batch=False,
+                          arrival_eps=0.005, safety=0.9)
+    plan = opt.plan(budgets, [], peak_rps, 1000.0)
     return int(plan.cpu_m), int(plan.batch)
 
 

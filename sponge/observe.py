@@ -40,8 +40,9 @@ class ObservationBuilder:
     def __init__(self, interval_ms: float, now_ms: float = 0.0, arrivals_total: int = 0,
                  usage_mms: Mapping[object, float | None] | None = None, allocated_mms: float | None = None,
                  history_len: int = RATE_HISTORY, budget_window_ms: float = BUDGET_WINDOW_MS,
-                 max_budgets: int = MAX_BUDGETS) -> None:
+                 max_budgets: int = MAX_BUDGETS, serves_late: bool = False) -> None:
         self.interval_ms = interval_ms
+        self.serves_late = serves_late  # the server's expiry policy, as every Observation reports it
         self.budget_window_ms = budget_window_ms
         self.last_t = now_ms
         self._last_arrivals = arrivals_total
@@ -95,6 +96,7 @@ class ObservationBuilder:
             replicas_starting=replicas_starting,
             batches=tuple(batches),
             budget_ages_ms=tuple(now_ms - t for t in bt),
+            serves_late=self.serves_late,
         )
 
 

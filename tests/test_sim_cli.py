@@ -32,7 +32,7 @@ def test_simulate_writes_runs_and_a_json_line(tmp_path, capsys, scenario):
     out = tmp_path / "sim"
     rc = _run(sim_cli.register, ["simulate", *scenario,
                                  "--policy", "sponge,static,hpa", "--static-cpu-m", "8000", "--static-batch", "6",
-                                 "--set", "sponge.headroom=0.2", "--out", str(out)])
+                                 "--set", "sponge.arrival_eps=0.2", "--out", str(out)])
     assert rc == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     fig = json.loads(last)
@@ -40,7 +40,7 @@ def test_simulate_writes_runs_and_a_json_line(tmp_path, capsys, scenario):
     assert fig["runs"]["sponge"]["ratio_to_oracle"] >= 1.0 or fig["runs"]["sponge"]["attainment"] < 1.0
     assert fig["runs"]["static"]["core_seconds_exact"] == pytest.approx(8.0 * 60, rel=0.05)
     reqs, tl, meta = read_run(out / "sponge")
-    assert len(reqs) == fig["requests"] and meta["params"]["headroom"] == 0.2
+    assert len(reqs) == fig["requests"] and meta["params"]["arrival_eps"] == 0.2
     # Saveable requests counted apart (DESIGN §5), against l(1, max CPU) of the deployment's model,
     # which every run directory records.
     model, _ = load_model("yolov5s")

@@ -111,7 +111,8 @@ class BudgetProfile:
         return int(self.sorted_ms.size)
 
     def arrival_deadlines(
-        self, load_rps: float, *, horizon_ms: float, burst_z: float = 0.0, eps: float | None = None
+        self, load_rps: float, *, horizon_ms: float, burst_z: float = 0.0, eps: float | None = None,
+        dispersion: float = 1.0,
     ) -> np.ndarray:
         """EDF-ordered deadlines (ms from now) of a stream at `load_rps` with budgets drawn from this
         profile, up to `horizon_ms`.
@@ -119,7 +120,9 @@ class BudgetProfile:
         eps None (Gaussian allowance): job i at mean count x with x + burst_z*sqrt(x) = i, and always at
         least one job (a request with the tightest budget may arrive at any time, even at zero load).
         eps given (exact Poisson envelope): job i at its early eps-quantile (poisson_envelope); none at
-        zero load."""
+        zero load. dispersion phi > 1 (the forecast's measured error, sponge.policy.envelope): arrivals
+        come as clumps of phi jobs, a Poisson stream of n/phi clumps (same mean, phi times the variance):
+        job i is placed where clump floor(i / phi) is, x_i = phi * y_floor(i/phi)."""
         s = self.sorted_ms
         if not s.size:
             return np.empty(0)
@@ -129,7 +132,11 @@ class BudgetProfile:
         n_knots = rate * self.unit_counts  # n(L) at L = s_k; n(L) grows with slope rate * F(L)
         n_last = float(n_knots[-1])
         n_h = n_last + rate * max(horizon_ms - s[-1], 0.0)
-        if eps is not None:
+        if eps is not None and dispersion > 1.0:
+            y = poisson_envelope(n_h / dispersion, eps)
+            jobs = np.arange(int(math.floor(y.size * dispersion)))
+            x = dispersion * y[np.minimum(jobs // dispersion, y.size - 1).astype(np.int64)]
+        elif eps is not None:
             x = poisson_envelope(n_h, eps)
         else:
             n_jobs = int(math.floor(n_h + burst_z * math.sqrt(n_h))) + 1
@@ -189,6 +196,7 @@ def build_workload(
     burst_z: float = 0.0,
     floor_ms: float = 0.0,
     eps: float | None = None,
+    dispersion: float = 1.0,
 ) -> Workload:
     """Backlog plus predicted arrivals as one EDF-ordered deadline list (see the module docstring).
 
@@ -196,7 +204,8 @@ def build_workload(
     """
     profile = BudgetProfile.of(budgets_ms, safety)
     horizon = interval_ms + (float(profile.sorted_ms[-1]) if profile.size else 0.0)
-    arrivals = profile.arrival_deadlines(load_rps, horizon_ms=horizon, burst_z=burst_z, eps=eps)
+    arrivals = profile.arrival_deadlines(load_rps, horizon_ms=horizon, burst_z=burst_z, eps=eps,
+                                         dispersion=dispersion)
     if len(queue_remaining_ms):
         backlog = np.asarray(queue_remaining_ms, dtype=float) * safety
         d = np.concatenate((backlog, arrivals))
@@ -354,12 +363,28 @@ def excess_jobs(w: Workload, batch_latency_ms: np.ndarray, blocking: float = 1.0
     return np.maximum(0, (need - places).max(axis=1)).astype(np.int64)
 
 
-def give_up(w: Workload, n: int, load_rps: float | None = None, *, backlog: bool | None = None) -> Workload:
+def give_up(w: Workload, n: int, load_rps: float | None = None, *, backlog: bool | None = None,
+            keep_work: bool = False) -> Workload:
     """The workload without its `n` tightest constrained jobs (they leave the EDF order and the work:
     the queue answers a request at its head that can no longer make it, without serving it), and
-    optionally at another load. backlog True / False: only among queued requests / predicted arrivals."""
+    optionally at another load. backlog True / False: only among queued requests / predicted arrivals.
+    keep_work (a server that serves late requests anyway): they stay as work but no longer constrain —
+    written off, served first (they are the tightest, EDF serves them first)."""
     if n <= 0 and load_rps is None:
         return w
+    if keep_work:
+        idx = np.arange(w.n_written_off, w.n_jobs)
+        if backlog is not None:
+            if w.is_backlog is None:
+                raise ValueError("this workload does not record which jobs are queued")
+            idx = idx[w.is_backlog[idx] == backlog]
+        d = w.deadlines_ms.copy()
+        d[idx[: max(n, 0)]] = -np.inf
+        order = np.argsort(d, kind="stable")
+        mine = None if w.is_backlog is None else w.is_backlog[order]
+        n_off = w.n_written_off + int(min(max(n, 0), idx.size))
+        return Workload(d[order], n_off, float(w.load_rps if load_rps is None else load_rps),
+                        w.n_backlog, w.n_arrivals, mine)
     idx = np.arange(w.n_written_off, w.n_jobs)
     if backlog is not None:
         if w.is_backlog is None:

@@ -11,6 +11,21 @@ from __future__ import annotations
 from collections import deque
 
 
+def stabilise(recommended: int, current: int, recent: tuple[int, ...], window: int,
+              max_step: int | None = None) -> tuple[int, tuple[int, ...]]:
+    """The value to apply and the new recent recommendations (the last `window`): up at once, down only
+    to the highest of the last `window` recommendations, by at most `max_step`. Pure."""
+    recent = (recent + (recommended,))[-window:]
+    if recommended >= current or len(recent) < window:
+        return (recommended if recommended >= current else current), recent
+    target = max(recent)
+    if target >= current:
+        return current, recent
+    if max_step is not None:
+        target = max(target, current - max_step)
+    return target, recent
+
+
 class DownscaleStabilizer:
     """Filters a stream of recommended values (e.g. millicores, replicas) against the value in force."""
 
@@ -25,17 +40,9 @@ class DownscaleStabilizer:
 
     def update(self, recommended: int, current: int) -> int:
         """Record this interval's recommendation and return the value to apply."""
-        self._recent.append(recommended)
-        if recommended >= current:
-            return recommended
-        if len(self._recent) < self.window:
-            return current
-        target = max(self._recent)  # < current iff all of the last `window` recommendations were lower
-        if target >= current:
-            return current
-        if self.max_step is not None:
-            target = max(target, current - self.max_step)
-        return target
+        value, recent = stabilise(recommended, current, tuple(self._recent), self.window, self.max_step)
+        self._recent = deque(recent, maxlen=self.window)
+        return value
 
     def below_for(self, current: int) -> int:
         """How many of the latest consecutive recommendations were below `current` (for explanations)."""

@@ -33,15 +33,19 @@ from typing import Any
 import numpy as np
 
 from sponge.perf.latency_model import LatencyModel
+from sponge.policy.allocation import LeastAllocation, Plan
+from sponge.policy.demand import DeadlineDemand
 from sponge.policy.feasibility import BudgetProfile, arrival_bounds_for_loads, worst_slack_ms
 from sponge.policy.hysteresis import DownscaleStabilizer
-from sponge.policy.predictors import Predictor
-from sponge.policy.sponge_opt import Plan, SpongeOptimizer, backlog_summary, budget_summary
+from sponge.policy.predictors import Predictor, history_of, make_predictor
+from sponge.policy.sponge_opt import backlog_summary, budget_summary
 from sponge.policy.types import Decision, Observation
 
 
 class JointOptimizer:
-    """Horizontal + vertical scaling with per-request budgets (wraps SpongeOptimizer's per-replica plan)."""
+    """Horizontal + vertical scaling with per-request budgets (the per-replica plan is Sponge's stages 2-3
+    with the earlier rule's margins: reactive rate + 10 % headroom, Gaussian burst allowance, max CPU
+    when infeasible)."""
 
     name = "joint"
 
@@ -71,28 +75,16 @@ class JointOptimizer:
     ) -> None:
         if not 1 <= min_replicas <= max_replicas or replica_overhead_m < 0:
             raise ValueError("need 1 <= min_replicas <= max_replicas and replica_overhead_m >= 0")
-        self.vertical = SpongeOptimizer(
-            model,
-            min_cpu_m=min_cpu_m,
-            max_cpu_m=max_cpu_m,
-            step_m=step_m,
-            max_batch=max_batch,
-            headroom=headroom,
-            safety=safety,
-            burst_z=burst_z,
-            blocking=blocking,
-            down_window=down_window,
-            max_down_step_m=max_down_step_m,
-            rate_z=rate_z,
-            batch_rule=batch_rule,
-            predictor=predictor,
-            predictor_params=predictor_params,
-            # the per-replica plan keeps SpongeOptimizer's previous rule, consistent with the replica count
-            # (arrival_bounds_for_loads uses the Gaussian allowance burst_z)
-            arrival_eps=None,
-            infeasible="max",
-            jump_z=None,
-        )
+        if headroom < 0 or rate_z < 0 or not 0 < safety <= 1 or burst_z < 0:
+            raise ValueError("invalid JointOptimizer parameters")
+        # the per-replica plan, consistent with the replica count (arrival_bounds_for_loads uses the
+        # Gaussian allowance burst_z)
+        self.alloc = LeastAllocation(model, min_cpu_m=min_cpu_m, max_cpu_m=max_cpu_m, step_m=step_m,
+                                     max_batch=max_batch, blocking=blocking, batch_rule=batch_rule, infeasible="max")
+        self.demand = DeadlineDemand(self.alloc.floor_ms, arrival_eps=None, burst_z=burst_z)
+        self.predictor = make_predictor(predictor, **(predictor_params or {}))
+        self.headroom, self.rate_z, self.safety, self.burst_z = headroom, rate_z, safety, burst_z
+        self.stabilizer = DownscaleStabilizer(down_window, max_down_step_m)
         self.model = model
         self.min_replicas, self.max_replicas = min_replicas, max_replicas
         self.replica_overhead_m, self.bridge_cost_cap = replica_overhead_m, bridge_cost_cap
@@ -105,13 +97,21 @@ class JointOptimizer:
     ) -> Plan:
         """Per-replica plan when `n` replicas share the load (and, if `backlog`, the EDF queue) evenly."""
         share = (obs.queue_remaining_ms[::n] if n > 1 else obs.queue_remaining_ms) if backlog else ()
-        return self.vertical.plan(profile, share, load_rps / n, obs.interval_ms)
+        return self.alloc.plan(self.demand.workload(profile, share, load_rps / n, obs.interval_ms, self.safety))
+
+    def design_load(self, obs: Observation) -> tuple[float, float]:
+        """(predicted rate, rate to provision for): the prediction plus the larger of the relative headroom
+        and rate_z standard deviations of a one-interval Poisson rate estimate."""
+        pred = max(self.predictor.predict(history_of(obs.rate_history_rps, obs.arrival_rate_rps)), 0.0)
+        t = obs.interval_ms
+        noise = self.rate_z * math.sqrt(pred * 1000.0 / t) if t > 0 else 0.0
+        return pred, pred + max(self.headroom * pred, noise)
 
     def recommend_replicas(self, obs: Observation, load_rps: float, profile: BudgetProfile) -> tuple[int, int]:
         """(n, c_n): least n * (c_n + overhead) for the predicted arrivals (no backlog), over every n from
         n_lo to max_replicas at once (arrival_bounds_for_loads); ties go to fewer replicas. c_n is
         max_cpu_m when no n is feasible (then n = n_lo)."""
-        v = self.vertical
+        v = self.alloc
         n_lo = max(self.min_replicas, math.ceil(load_rps / self._h_max) if load_rps > 0 else 1)
         n_lo = min(n_lo, self.max_replicas)
         ns = np.arange(n_lo, self.max_replicas + 1)
@@ -120,7 +120,7 @@ class JointOptimizer:
             load_rps / ns,
             v.max_batch,
             interval_ms=obs.interval_ms,
-            burst_z=v.burst_z,
+            burst_z=self.burst_z,
             floor_ms=v.floor_ms,
             blocking=v.blocking,
         )
@@ -136,11 +136,10 @@ class JointOptimizer:
         return n_lo, v.max_cpu_m  # more replicas do not help: budgets too tight for any batch
 
     def decide(self, obs: Observation) -> Decision:
-        v = self.vertical
-        predicted = v.predicted_load(obs)
-        load = v.design_load(predicted, obs.interval_ms)
+        v = self.alloc
+        predicted, load = self.design_load(obs)
         cur = obs.current
-        profile = v.profile(obs.budgets_ms)
+        profile = BudgetProfile.of(obs.budgets_ms, self.safety)
         n_rec, _ = self.recommend_replicas(obs, load, profile)
         n = self.replica_stabilizer.update(n_rec, cur.replicas)
         n = min(max(n, self.min_replicas), self.max_replicas)
@@ -153,9 +152,9 @@ class JointOptimizer:
             notes.append(f"scale-in held at {n} replicas (recommended {n_rec})")
         steady = n == cur.replicas and obs.replicas_starting == 0 and not self._bridging
         if steady:
-            cpu = v.stabilizer.update(p.cpu_m, cur.cpu_m) if p.feasible else p.cpu_m
+            cpu = self.stabilizer.update(p.cpu_m, cur.cpu_m) if p.feasible else p.cpu_m
         else:
-            v.stabilizer.reset()
+            self.stabilizer.reset()
             cpu = p.cpu_m
         if k < n:
             # The ready replicas carry the load alone and get what they need (up to max_cpu_m). All

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, Sequence
 
 from sponge.perf.samples import BatchSample
 
@@ -54,6 +54,38 @@ class Observation:
     replicas_starting: int = 0
     batches: tuple[BatchSample, ...] = ()
     budget_ages_ms: tuple[float, ...] = ()
+    serves_late: bool = False  # the server serves requests past their deadline (expiry serve_late)
+
+
+@dataclass(frozen=True)
+class RunningBatch:
+    """The batch in flight on a replica: its images, its remaining time at the allocation in force, and
+    the remaining time (deadline - now) of its tightest member (+inf: nothing to protect)."""
+
+    images: int
+    remaining_ms: float
+    deadline_ms: float = float("inf")
+
+
+@dataclass(frozen=True)
+class QueueView:
+    """What the dispatcher sees at an event (an arrival, a batch start, a batch end), for a policy that
+    sizes CPU per batch (`batch_cpu_m`): the queue in EDF order, the batch in flight, the allocation in
+    force, and how long a resize takes to take effect (decision + actuation)."""
+
+    queue_remaining_ms: Sequence[float]
+    queue_images: Sequence[int]
+    running: RunningBatch | None
+    current_cpu_m: int
+    delay_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class BatchCpu:
+    """A per-batch answer: the allocation to apply now, and the batch cap for the next batches."""
+
+    cpu_m: int
+    batch: int
 
 
 class Policy(Protocol):
@@ -62,3 +94,10 @@ class Policy(Protocol):
     name: str
 
     def decide(self, obs: Observation) -> Decision: ...
+
+
+# Optional, for policies that size CPU per batch between two decisions (SpongeOptimizer):
+#   batch_cpu_m(view: QueueView) -> BatchCpu | None   (None: keep the interval decision)
+#   max_cpu_m: int   (the most it reaches: a request is hopeless only if it misses at this)
+# The simulator and the live dispatcher call it at every arrival, batch start and batch end when the
+# policy has it and one replica serves.

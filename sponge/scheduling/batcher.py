@@ -78,9 +78,15 @@ class Batcher:
         expiry: ExpiryPolicy = ExpiryPolicy.REJECT,
         max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
         scan_window: int = DEFAULT_SCAN_WINDOW,
+        expiry_estimate_ms: ServiceEstimate | None = None,
     ) -> None:
+        """expiry_estimate_ms: the service time that decides whether a request can still make it (default
+        `estimate_ms`, the allocation in force); where CPU is sized per batch, the allocation reachable
+        (the sizer raises it for the tight request), else a request would be expired at an idle replica's
+        low allocation that the next resize was about to raise."""
         self.batch_size = batch_size
         self.estimate_ms = estimate_ms
+        self.expiry_estimate_ms = expiry_estimate_ms or estimate_ms
         self.expiry = expiry
         self.max_wait_ms = max_wait_ms
         self.scan_window = scan_window
@@ -100,7 +106,7 @@ class Batcher:
         if self.expiry is ExpiryPolicy.SERVE_LATE:
             return []
         expired: list[Entry[T]] = []
-        est = self.estimate_ms
+        est = self.expiry_estimate_ms
         while queue:
             head = queue.peek()
             assert head is not None

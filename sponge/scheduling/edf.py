@@ -116,6 +116,12 @@ class EDFQueue(Generic[T]):
         """(deadline_ms, size) of every queued entry in EDF order (ties by arrival): admission's view."""
         return [(d, s) for d, _, s in sorted((e.deadline_ms, e.seq, e.size) for e in self._heap)]
 
+    def head(self, now_ms: float, k: int) -> tuple[list[float], list[int]]:
+        """(deadline - now, size) of the first `k` entries in EDF order: what per-batch CPU sizing reads
+        (sponge.policy.batch_cpu). O(n log k)."""
+        first = heapq.nsmallest(k, self._heap)
+        return [e.deadline_ms - now_ms for e in first], [e.size for e in first]
+
     def remaining_ms(self, now_ms: float) -> list[float]:
         """deadline - now of every queued request, in EDF order (the controller's backlog view)."""
         return sorted(e.deadline_ms - now_ms for e in self._heap)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sponge.policy import POLICY_NAMES
-from sponge.sim.engine import SimConfig, SimResult
+from sponge.sim.engine import DECISION_MS, RESIZE_DELAY_MS, SimConfig, SimResult
 from sponge.sim.oracle import OracleBound, oracle_bound
 from sponge.sim.scenario import (
     ALL_POLICIES,
@@ -44,7 +44,11 @@ def add_deployment_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-replicas", type=int, default=d.max_replicas, help="joint, hpa, fa2")
     g.add_argument("--replica-cpu-m", type=int, default=d.replica_cpu_m, help="hpa / fa2 replica size")
     g.add_argument("--interval-ms", type=float, default=1000.0)
-    g.add_argument("--resize-delay-ms", type=float, default=100.0)
+    g.add_argument("--resize-delay-ms", type=float, default=RESIZE_DELAY_MS,
+                   help="decision -> new CPU in force (default: a local cgroup, measured by bench/resize.py)")
+    g.add_argument("--decision-ms", type=float, default=DECISION_MS, help="compute time of a per-batch CPU decision")
+    g.add_argument("--no-per-batch", dest="per_batch", action="store_false",
+                   help="no per-batch CPU between decisions (an actuator too slow for it)")
     g.add_argument("--cold-start-ms", type=float, default=7000.0)
     g.add_argument("--noise-sigma", default="0", help="lognormal sigma of service-time noise (mean 1), or "
                    "'profile': measured from the profile JSON's cells (p99 vs median)")
@@ -66,6 +70,7 @@ def config_from(args: argparse.Namespace) -> SimConfig:
     else:
         sigma = float(args.noise_sigma)
     return SimConfig(interval_ms=args.interval_ms, resize_delay_ms=args.resize_delay_ms,
+                     decision_ms=args.decision_ms, per_batch=args.per_batch,
                      cold_start_ms=args.cold_start_ms, noise_sigma=sigma, expiry=args.expiry, seed=args.seed)
 
 
@@ -183,7 +188,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"comma-separated policies or 'all' (known: {', '.join(POLICY_NAMES)}; simulator-only "
                         f"reference: {', '.join(REFERENCES)}, which knows the future)")
     p.add_argument("--set", action="append", metavar="POLICY.PARAM=VALUE",
-                   help="override a policy parameter (JSON value), e.g. sponge.headroom=0.05; repeatable")
+                   help="override a policy parameter (JSON value), e.g. sponge.arrival_eps=0.05; repeatable")
     p.add_argument("--no-oracle", action="store_true", help="skip the lower bound (it takes a few seconds)")
     p.add_argument("--out", default="runs/sim", help="one run directory per policy under this")
     p.set_defaults(func=_main)

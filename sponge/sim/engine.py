@@ -48,7 +48,8 @@ import numpy as np
 from sponge.observe import BUDGET_WINDOW_MS, MAX_BUDGETS, RATE_HISTORY, ObservationBuilder
 from sponge.perf.latency_model import LatencyModel
 from sponge.perf.samples import BatchSample
-from sponge.policy.types import Decision, Observation, Policy
+from sponge.policy.batch_cpu import DEFAULT_MAX_QUEUED
+from sponge.policy.types import Decision, Observation, Policy, QueueView, RunningBatch
 from sponge.report.results import RequestRecord, TimelineRecord, write_run
 from sponge.scheduling.batcher import DEFAULT_MAX_WAIT_MS, Batcher, Dispatch, ExpiryPolicy
 from sponge.scheduling.edf import EDFQueue, QueueFull
@@ -61,6 +62,9 @@ OUTCOME_NAMES = ("pending", "ok", "late", "expired", "rejected", "error")
 # event kinds
 _COMPLETE, _TICK, _RESIZE, _READY, _WAKE = range(5)
 
+RESIZE_DELAY_MS = 15.0  # SimConfig.resize_delay_ms default (see there)
+DECISION_MS = 1.0  # SimConfig.decision_ms default: per-batch sizing's compute time, rounded up
+
 
 class ConservationError(AssertionError):
     """A request ended twice (or never): a simulator bug, never a property of the workload."""
@@ -71,7 +75,13 @@ class SimConfig:
     """Everything about the simulated deployment that is not the workload, the model or the policy."""
 
     interval_ms: float = 1000.0  # controller period
-    resize_delay_ms: float = 100.0  # decision -> new CPU in force (in-place resize)
+    # decision -> new CPU in force (in-place resize of a local cgroup: bench/resize.py measured in effect
+    # p99 5 ms and the runtime's threads following p99 13 ms; --resize-delay-ms 1000 for a slower actuator)
+    resize_delay_ms: float = RESIZE_DELAY_MS
+    # per-batch CPU (a policy's batch_cpu_m, at every arrival, batch start and end, one replica): each
+    # call costs decision_ms before its resize is even issued (bench/decision_time.py measures it)
+    per_batch: bool = True
+    decision_ms: float = DECISION_MS
     cold_start_ms: float = 7000.0  # new replica -> ready
     noise_sigma: float = 0.0  # lognormal sigma of the service-time factor (mean 1); 0 = exact model
     expiry: str = "reject"  # ExpiryPolicy value: reject | serve_late
@@ -92,7 +102,7 @@ class SimConfig:
     keep_explanations: bool = True  # store every decision's explanation (decisions.jsonl)
 
     def __post_init__(self) -> None:
-        if self.interval_ms <= 0 or self.resize_delay_ms < 0 or self.cold_start_ms < 0:
+        if self.interval_ms <= 0 or self.resize_delay_ms < 0 or self.cold_start_ms < 0 or self.decision_ms < 0:
             raise ValueError("interval_ms must be > 0, delays >= 0")
         if self.noise_sigma < 0 or self.max_wait_ms < 0 or self.budget_window_ms <= 0:
             raise ValueError("noise_sigma, max_wait_ms must be >= 0 and budget_window_ms > 0")
@@ -108,7 +118,7 @@ class _Replica:
     """One model server: ready after its cold start, busy with at most one batch."""
 
     __slots__ = ("rid", "ready", "busy", "removing", "alive", "version", "batch", "size", "finish", "cpu_start",
-                 "usage", "busy_since", "started")
+                 "usage", "busy_since", "started", "expect", "resized")
 
     def __init__(self, rid: int, ready: bool) -> None:
         self.rid = rid
@@ -124,6 +134,8 @@ class _Replica:
         self.usage = 0.0  # millicore-ms used, cumulative (accrued up to busy_since while busy)
         self.busy_since = 0.0
         self.started = 0.0  # when the running batch started
+        self.expect = 0.0  # when the running batch finishes by the model (no noise): what a server can know
+        self.resized = False  # the running batch straddled a resize (its latency measured two allocations)
 
 
 @dataclass
@@ -234,7 +246,13 @@ class Simulator:
         self._lat: list[float] = [0.0]
         self.cpu = init.cpu_m  # CPU per replica in force (all replicas share it)
         self._cpu_target = init.cpu_m
-        self.batcher = Batcher(init.batch, self._estimate, ExpiryPolicy(cfg.expiry), cfg.max_wait_ms)
+        sizer = getattr(policy, "batch_cpu_m", None)
+        self._sizer = sizer if callable(sizer) and cfg.per_batch else None
+        # with per-batch CPU a request is hopeless only at the allocation the sizer can reach
+        reach = float(getattr(policy, "max_cpu_m", 0) or 0) if self._sizer is not None else 0.0
+        self._reach = [0.0] + [self._latency(b, reach) for b in range(1, 65)] if reach > 0 else None
+        self.batcher = Batcher(init.batch, self._estimate, ExpiryPolicy(cfg.expiry), cfg.max_wait_ms,
+                               expiry_estimate_ms=self._reachable if self._reach is not None else None)
         self._reject = self.batcher.expiry is ExpiryPolicy.REJECT
         self._retable(init.batch)
         self.current = init
@@ -257,7 +275,9 @@ class Simulator:
         self._arr_tick = 0  # arrivals seen at the last tick
         self._served: list[BatchSample] = []  # batches completed since the last tick
         self.observer = ObservationBuilder(cfg.interval_ms, 0.0, 0, {}, 0.0, history_len=cfg.history_len,
-                                           budget_window_ms=cfg.budget_window_ms, max_budgets=cfg.max_budgets)
+                                           budget_window_ms=cfg.budget_window_ms, max_budgets=cfg.max_budgets,
+                                           serves_late=cfg.expiry == ExpiryPolicy.SERVE_LATE.value)
+        self._resizes_per_batch = 0
         self.timeline: list[TimelineRecord] = []
         self.decisions: list[tuple[float, Decision]] = []
         self.events = 0
@@ -269,6 +289,12 @@ class Simulator:
     def _estimate(self, b: int) -> float:
         lat = self._lat
         return lat[b] if b < len(lat) else self._latency(b, self.cpu)
+
+    def _reachable(self, b: int) -> float:
+        """l(b) at the most the per-batch sizer can reach (its policy's max_cpu_m)."""
+        r = self._reach
+        assert r is not None
+        return r[b] if b < len(r) else self._latency(b, float(getattr(self.policy, "max_cpu_m")))
 
     def _latency(self, b: int, cpu_m: float) -> float:
         return max(float(self.model.latency_ms(b, cpu_m)), 1e-6)
@@ -348,6 +374,8 @@ class Simulator:
     def _dispatch(self, now: float) -> None:
         queue, idle, batcher = self.queue, self.idle, self.batcher
         while idle and queue:
+            if self._sizer is not None and len(self.live) == 1:
+                self._size(now)  # the cap for this very batch, from the queue as it is now
             act = batcher.next_action(queue, now)
             for e in act.expired:
                 i = e.payload
@@ -371,7 +399,9 @@ class Simulator:
         rep.busy_since = now
         rep.started = now
         rep.version += 1
-        rep.finish = now + self._estimate(b) * self._noise_factor()
+        rep.expect = now + self._estimate(b)
+        rep.resized = False
+        rep.finish = now + (rep.expect - now) * self._noise_factor()
         self._push(rep.finish, _COMPLETE, rep, rep.version)
 
     def _complete(self, rep: _Replica, version: int, now: float) -> None:
@@ -379,7 +409,8 @@ class Simulator:
             return  # re-timed by a resize: a newer completion event stands for it
         rep.usage += self.cpu * (now - rep.busy_since)
         send, budget, b, c = self._send, self._budget, rep.size, rep.cpu_start
-        self._served.append(BatchSample(b, c, now - rep.started, now))
+        if not rep.resized:  # as the live core: a batch that straddled a resize is no sample of l(b, c)
+            self._served.append(BatchSample(b, c, now - rep.started, now))
         for i in rep.batch:
             srv = now - send[i]
             self._end(i, OK if srv <= budget[i] else LATE, srv, b, c)
@@ -390,11 +421,14 @@ class Simulator:
         elif rep.alive:
             self.idle.append(rep)
         self._dispatch(now)
+        if self._sizer is not None:
+            self._size(now)
 
     def _arrive(self, i: int, now: float) -> None:
         dl = self._deadline[i]
         size = self._images[i]
-        if self._reject and dl < now + (self._lat[1] if size == 1 else self._estimate(size)):
+        est = self.batcher.expiry_estimate_ms
+        if self._reject and dl < now + (self._lat[1] if size == 1 and self._reach is None else est(size)):
             self._end(i, EXPIRED, 0.0)
             return
         try:
@@ -404,6 +438,42 @@ class Simulator:
             return
         if self.idle:
             self._dispatch(now)
+        if self._sizer is not None:
+            self._size(now)
+
+    def _size(self, now: float) -> None:
+        """Per-batch CPU (Policy.batch_cpu_m): ask the policy for the allocation the present work needs and
+        issue the resize; it takes effect decision_ms + resize_delay_ms later."""
+        if len(self.live) != 1 or self._sizer is None:
+            return
+        rep = self.live[0]
+        # until the new allocation takes effect, the replica runs at the allocation in force or, if a resize
+        # issued earlier lands meanwhile, at that one: plan with the lower of the two
+        slowest = int(min(self.cpu, self._cpu_target))
+        running = None
+        if rep.busy:
+            dl = min(self._deadline[i] for i in rep.batch) - now
+            left = max(rep.expect - now, 0.0) * self._latency(rep.size, slowest) / self._latency(rep.size, self.cpu)
+            running = RunningBatch(rep.size, left, dl)
+        rem, images = self.queue.head(now, DEFAULT_MAX_QUEUED)
+        cfg = self.cfg
+        got = self._sizer(QueueView(rem, images, running, slowest, cfg.decision_ms + cfg.resize_delay_ms))
+        if got is None:
+            return
+        if got.batch != self.batcher.batch_size:
+            self.batcher.batch_size = int(got.batch)
+            if got.batch >= len(self._lat):
+                self._retable(int(got.batch))
+        cpu = int(got.cpu_m)
+        if cpu == self._cpu_target:
+            return
+        self._cpu_target = cpu
+        self._resizes_per_batch += 1
+        delay = cfg.decision_ms + cfg.resize_delay_ms
+        if delay == 0:
+            self._resize(int(cpu), now)
+        else:
+            self._push(now + delay, _RESIZE, int(cpu))
 
     # ---- control ---------------------------------------------------------------------------------------
     def _resize(self, cpu_m: int, now: float) -> None:
@@ -418,6 +488,8 @@ class Simulator:
                 if self.cfg.resize_running and rep.finish > now:
                     scale = self._latency(rep.size, cpu_m) / self._latency(rep.size, old)
                     rep.finish = now + (rep.finish - now) * scale
+                    rep.expect = now + max(rep.expect - now, 0.0) * scale
+                    rep.resized = True
                     rep.version += 1
                     self._push(rep.finish, _COMPLETE, rep, rep.version)
         self.cpu = cpu_m
@@ -450,7 +522,7 @@ class Simulator:
             self.batcher.batch_size = int(d.batch)
             if d.batch >= len(self._lat):
                 self._retable(int(d.batch))
-        if cpu != self._cpu_target:
+        if cpu != self._cpu_target and self._sizer is None:  # with per-batch CPU, _size applies it
             self._cpu_target = cpu
             if self.cfg.resize_delay_ms == 0:
                 self._resize(cpu, now)
@@ -459,6 +531,8 @@ class Simulator:
         self._set_replicas(min(int(d.replicas), self.cfg.max_replicas), now)
         self.current = d
         self._dispatch(now)
+        if self._sizer is not None:
+            self._size(now)
 
     def _tick(self, now: float, arrived: int) -> bool:
         """Close the interval ending now, ask the policy, apply. Returns False when the run is over."""
@@ -519,6 +593,8 @@ class Simulator:
                 if a == self._next_wake:
                     self._next_wake = math.inf
                     self._dispatch(now)
+                    if self._sizer is not None:
+                        self._size(now)
         self._integrate(now)
         # Whatever is still unanswered after the drain limit failed (counted, never silently dropped).
         for j in range(n):

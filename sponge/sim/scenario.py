@@ -233,7 +233,7 @@ def run_policies(
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """['sponge.headroom=0.05', 'hpa.target_utilization=0.6'] -> {policy: {param: value}} (JSON values)."""
+    """['sponge.arrival_eps=0.05', 'hpa.target_utilization=0.6'] -> {policy: {param: value}} (JSON values)."""
     out: dict[str, dict[str, Any]] = {}
     for item in items:
         key, sep, raw = item.partition("=")
