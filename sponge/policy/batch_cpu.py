@@ -40,7 +40,9 @@ class BatchCpuSizer:
     """Least grid CPU meeting the present work's deadlines (see the module docstring)."""
 
     def __init__(self, model: LatencyModel, grid_m: Sequence[int] | np.ndarray, max_batch: int,
-                 max_queued: int = DEFAULT_MAX_QUEUED) -> None:
+                 max_queued: int = DEFAULT_MAX_QUEUED, keep_up: bool = True) -> None:
+        self._rate = 0.0
+        self.keep_up = keep_up
         self.grid = np.asarray(grid_m, dtype=np.int64)
         if self.grid.size == 0 or np.any(np.diff(self.grid) <= 0):
             raise ValueError("grid_m must be non-empty and increasing")
@@ -75,6 +77,7 @@ class BatchCpuSizer:
         delay_ms: float = 0.0,
         safety: float = 1.0,
         serves_late: bool = False,
+        recent_rate_rps: float = 0.0,
     ) -> BatchCpu:
         """The allocation to apply now and the batch cap for the next batches; see the module docstring."""
         n = min(len(queue_remaining_ms), self.max_queued)
@@ -99,6 +102,7 @@ class BatchCpuSizer:
         rem = np.asarray(queue_remaining_ms[:n], dtype=float)
         img = [int(x) for x in queue_images[:n]]
         saveable = rem >= self.lat[1, top] * inv  # below: beyond saving at any allocation
+        self._rate = recent_rate_rps if self.keep_up else 0.0
         args = (rem, img, saveable, free, ok, c0, starts_now, delay_ms, inv, serves_late)
         if serves_late and not saveable.all():
             # requests beyond saving are queued and will be served anyway, first (EDF): overload. Drain
@@ -171,6 +175,8 @@ class BatchCpuSizer:
         """Per grid allocation: do the queued requests, in greedy EDF batches of at most `cap` images after
         the running batch, all meet their saveable deadlines?"""
         ok = ok.copy()
+        if self._rate > 0:  # a queue served just in time falls behind arrivals faster than a batch
+            ok &= 1000.0 * cap / (self._row(cap) * inv) >= self._rate
         finish = free
         n, i = len(img), 0
         while i < n:

@@ -78,6 +78,7 @@ class QueueView:
     running: RunningBatch | None
     current_cpu_m: int
     delay_ms: float = 0.0
+    recent_rate_rps: float = 0.0  # arrivals over the last second: the queue must not fall behind it
 
 
 @dataclass(frozen=True)

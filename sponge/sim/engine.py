@@ -278,6 +278,8 @@ class Simulator:
                                            budget_window_ms=cfg.budget_window_ms, max_budgets=cfg.max_budgets,
                                            serves_late=cfg.expiry == ExpiryPolicy.SERVE_LATE.value)
         self._resizes_per_batch = 0
+        self._arrived = 0  # requests arrived so far (the per-batch sizer's last-second rate)
+        self._rate_from = 0
         self.timeline: list[TimelineRecord] = []
         self.decisions: list[tuple[float, Decision]] = []
         self.events = 0
@@ -425,6 +427,7 @@ class Simulator:
             self._size(now)
 
     def _arrive(self, i: int, now: float) -> None:
+        self._arrived = i + 1
         dl = self._deadline[i]
         size = self._images[i]
         est = self.batcher.expiry_estimate_ms
@@ -457,7 +460,12 @@ class Simulator:
             running = RunningBatch(rep.size, left, dl)
         rem, images = self.queue.head(now, DEFAULT_MAX_QUEUED)
         cfg = self.cfg
-        got = self._sizer(QueueView(rem, images, running, slowest, cfg.decision_ms + cfg.resize_delay_ms))
+        send, j = self._send, self._rate_from
+        while j < self._arrived and send[j] <= now - 1000.0:
+            j += 1
+        self._rate_from = j
+        got = self._sizer(QueueView(rem, images, running, slowest, cfg.decision_ms + cfg.resize_delay_ms,
+                                    float(self._arrived - j)))
         if got is None:
             return
         if got.batch != self.batcher.batch_size:
