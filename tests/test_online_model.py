@@ -185,7 +185,7 @@ def test_policies_precompute_and_search_a_step_model() -> None:
     m = StepLatencyModel.fit(grid_points())
     opt = SpongeOptimizer(m, min_cpu_m=100, max_cpu_m=2000, step_m=50, max_batch=16)
     bounds = np.array([m.latency_ms(b, 1200.0) + 1e-6 for b in range(1, 17)])
-    idx = opt.first_feasible(bounds)
+    idx = opt.allocation.first_feasible(bounds)
     for b in range(1, 17):  # the least CPU on the grid meeting each bound
         lat = m.latency_ms(b, opt.grid.astype(float))
         assert opt.grid[idx[b - 1]] == opt.grid[np.argmax(lat <= bounds[b - 1])]

@@ -120,7 +120,7 @@ class BatchCpuSizer:
         # always better: it also takes longer).
         # (At the top allocation a larger cap costs no CPU and keeps up with more: the largest that meets.)
         best: tuple[int, int] | None = (top, batch) if first is not None else None
-        for cap in range(batch + 1, self.max_batch + 1):
+        for cap in self._caps(batch + 1):
             i = self._least(self._feasible(cap, *args), lo)
             if i is not None and (best is None or i <= best[0]):
                 best = (i, cap)
@@ -131,7 +131,8 @@ class BatchCpuSizer:
     def _fewest_misses(self, args: tuple) -> BatchCpu:
         """The top allocation and the cap that misses the fewest saveable queued requests there (ties: the
         largest, which drains fastest)."""
-        misses = {cap: self._misses_at_top(cap, *args) for cap in range(1, self.max_batch + 1)}
+        caps = range(1, self.max_batch + 1) if self.max_batch <= 16 else self._caps(1)
+        misses = {cap: self._misses_at_top(cap, *args) for cap in caps}
         fewest = min(misses.values())
         return BatchCpu(int(self.grid[-1]), max(c for c, m in misses.items() if m == fewest))
 
@@ -163,6 +164,18 @@ class BatchCpuSizer:
             missed += int(np.count_nonzero(rem[i:j][keep] < t))
             i = j
         return missed
+
+    def _caps(self, lo: int) -> list[int]:
+        """Caps from `lo` to max_batch on a doubling ladder (lo, lo+1, lo+2, lo+4, ...; max_batch always):
+        a handful of evaluations however large max_batch is, so a call stays well under a millisecond."""
+        caps, step = [], 1
+        c = lo
+        while c < self.max_batch:
+            caps.append(c)
+            c, step = lo + step, step * 2
+        if lo <= self.max_batch:
+            caps.append(self.max_batch)
+        return caps
 
     @staticmethod
     def _least(ok: np.ndarray, lo: int) -> int | None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
+
 from sponge.policy.envelope import LoadForecast
 from sponge.policy.feasibility import BudgetProfile, Workload, build_workload, poisson_envelope
 
@@ -44,11 +46,27 @@ class DeadlineDemand:
         return float(10.0 ** (round(math.log10(e) * 40.0) / 40.0))
 
     def workload(self, budgets_ms: Sequence[float] | BudgetProfile, queue_remaining_ms: Sequence[float],
-                 forecast: LoadForecast | float, interval_ms: float, safety: float) -> Workload:
-        """The jobs of the next interval. `forecast` may be a bare rate (rps, dispersion 1)."""
-        profile = BudgetProfile.of(budgets_ms, safety)
+                 forecast: LoadForecast | float, interval_ms: float, safety: float,
+                 serves_late: bool = False) -> Workload:
+        """The jobs of the next interval. `forecast` may be a bare rate (rps, dispersion 1).
+
+        Budgets below the floor are requests beyond saving when they arrive (a link that stalled for
+        seconds leaves budgets of minus minutes). They must not enter the count n(L) = rate * mean(L - x):
+        a budget of -200 s would count arrivals long after the horizon. Answered at once (expiry reject),
+        they are no work: the rate is scaled by the saveable fraction and the profile is the saveable
+        budgets'. Served anyway (serves_late), they are work due at once: their budget counts as 0."""
         rate, disp = ((forecast.rate_rps, forecast.dispersion) if isinstance(forecast, LoadForecast)
                       else (float(forecast), 1.0))
+        if not isinstance(budgets_ms, BudgetProfile) and len(budgets_ms):
+            b = np.asarray(budgets_ms, dtype=float)
+            if serves_late:
+                budgets_ms = np.maximum(b, 0.0)
+            else:
+                keep = b >= self.floor_ms
+                if not keep.all():
+                    rate *= float(keep.mean())
+                    budgets_ms = b[keep]
+        profile = BudgetProfile.of(budgets_ms, safety)
         return build_workload(profile, queue_remaining_ms, rate, interval_ms=interval_ms, safety=safety,
                               burst_z=self.burst_z, floor_ms=self.floor_ms, eps=self.eps(interval_ms, profile),
                               dispersion=disp)

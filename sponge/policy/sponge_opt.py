@@ -167,7 +167,7 @@ class SpongeOptimizer:
              interval_ms: float, safety: float | None = None, serves_late: bool = False) -> Plan:
         """Stages 2 and 3 for one load: the least allocation meeting the deadline demand."""
         s = self.safety_of(self.state) if safety is None else safety
-        w = self.demand.workload(budgets_ms, queue_remaining_ms, load, interval_ms, s)
+        w = self.demand.workload(budgets_ms, queue_remaining_ms, load, interval_ms, s, serves_late)
         return self.allocation.plan(w, serves_late)
 
     # -- the pure step ------------------------------------------------------------------------------
@@ -180,7 +180,7 @@ class SpongeOptimizer:
         p = self.plan(obs.budgets_ms, backlog, forecast, obs.interval_ms, safety, obs.serves_late)
         reserve_note = ""
         if self.reserve is not None:
-            w = self.reserve.workload(obs.budgets_ms, backlog, forecast, obs.interval_ms, safety)
+            w = self.reserve.workload(obs.budgets_ms, backlog, forecast, obs.interval_ms, safety, obs.serves_late)
             pr = self.allocation.plan(w, obs.serves_late)
             if pr.cpu_m > p.cpu_m and (not pr.feasible or pr.cpu_m > cfg.reserve_fraction * cfg.max_cpu_m):
                 p, reserve_note = pr, f"; near capacity: the {cfg.reserve_eps:g} burst needs {pr.cpu_m}m"

@@ -63,7 +63,7 @@ OUTCOME_NAMES = ("pending", "ok", "late", "expired", "rejected", "error")
 _COMPLETE, _TICK, _RESIZE, _READY, _WAKE = range(5)
 
 RESIZE_DELAY_MS = 15.0  # SimConfig.resize_delay_ms default (see there)
-DECISION_MS = 1.0  # SimConfig.decision_ms default: per-batch sizing's compute time, rounded up
+DECISION_MS = 2.0  # SimConfig.decision_ms default: a per-batch CPU call (bench/decision_time.py: p50 50-80 us, 0.8-1.6 ms when even the top allocation falls short)
 
 
 class ConservationError(AssertionError):
