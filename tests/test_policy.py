@@ -2,10 +2,11 @@
 
 Most cases use the toy model  l(b, c) = (50 b + 50) / c  ms  (c in cores; g=50, d=0, e=50, h=0), so
 that l(1, 1 core) = 100 ms, l(2, 1 core) = 150 ms, l(4, 1 core) = 250 ms, and h(b, c) = 1000 b / l.
-Unless a test says otherwise the Sponge optimizer's arrivals are their expected deadlines
-(arrival_eps=None with burst_z 0: no burst allowance, always one arrival at the tightest budget) so the
-arithmetic stays exact; its safety factor is the default 0.9. The Poisson envelope, the rate estimate and
-the infeasible rule have their own tests below.
+Unless a test says otherwise the Sponge optimizer is its interval rule alone (`exact_sponge`: no per-batch
+sizing, safety 0.9) with a demand stage whose arrivals are their expected deadlines (DeadlineDemand with
+arrival_eps=None and burst_z 0: no burst allowance, always one arrival at the tightest budget), so the
+arithmetic stays exact. The Poisson envelope, the rate estimate and the infeasible rule have their own
+tests below; tests/test_policy_pipeline.py checks each stage of the pipeline alone.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from sponge.policy import (
     make_policy,
     make_predictor,
 )
+from sponge.policy.demand import DeadlineDemand
 from sponge.policy.feasibility import (
     BudgetProfile,
     Workload,
@@ -52,7 +54,15 @@ from sponge.policy.feasibility import (
 from sponge.policy.hysteresis import DownscaleStabilizer
 
 TOY = LatencyModel(g=50.0, d=0.0, e=50.0, h=0.0)
-EXACT = dict(headroom=0.0, burst_z=0.0, arrival_eps=None)  # keep hand arithmetic exact (see the docstring)
+
+
+def exact_sponge(model: LatencyModel = TOY, **params: object) -> SpongeOptimizer:
+    """The interval rule alone (per_batch off, safety 0.9) with expected arrivals (see the docstring): the
+    demand stage swapped for DeadlineDemand(arrival_eps=None, burst_z=0), the earlier rule's exact form."""
+    params = {"per_batch": False, "safety": 0.9, **params}
+    opt = SpongeOptimizer(model, **params)  # type: ignore[arg-type]
+    opt.demand = DeadlineDemand(opt.floor_ms, arrival_eps=None, burst_z=0.0)
+    return opt
 
 
 def obs(
@@ -136,8 +146,8 @@ def test_sponge_single_budget_needs_two_batch_times_and_the_rate() -> None:
     #        -> bound 100 ms -> c >= 100/100 = 1.0 core = 1000 m
     #   b=2: l <= (270 + 200k)/(k + 2), increasing in k, so k = 0 binds: 135 ms -> 150/135 = 1.11 -> 1150 m
     # least CPU: 1000 m, where only b=1 fits. Worst slack: 270 + 100k - (k + 2)*100 = 70 ms for every k.
-    opt = SpongeOptimizer(TOY, max_cpu_m=4000, step_m=50, max_batch=8, **EXACT)
-    w = opt.workload((300.0,) * 50, (), 10.0, 1000.0)
+    opt = exact_sponge(max_cpu_m=4000, step_m=50, max_batch=8)
+    w = opt.demand.workload((300.0,) * 50, (), 10.0, 1000.0, 0.9)
     assert np.allclose(w.deadlines_ms, 270.0 + 100.0 * np.arange(11))
     bounds = latency_bounds_ms(w, 8)
     assert bounds[0] == pytest.approx(100.0) and bounds[1] == pytest.approx(135.0)
@@ -155,8 +165,8 @@ def test_sponge_uses_the_budget_distribution_not_its_minimum() -> None:
     #        -> c >= 100/67.5 = 1.48 -> 1500 m
     #   b=2: k=0: 2 l <= 135 -> 150/67.5 = 2.22 -> 2250 m.
     budgets = (150.0,) * 10 + (1000.0,) * 90
-    opt = SpongeOptimizer(TOY, max_cpu_m=4000, step_m=50, max_batch=8, **EXACT)
-    w = opt.workload(budgets, (), 10.0, 1000.0)
+    opt = exact_sponge(max_cpu_m=4000, step_m=50, max_batch=8)
+    w = opt.demand.workload(budgets, (), 10.0, 1000.0, 0.9)
     assert w.deadlines_ms[0] == pytest.approx(135.0)
     assert w.deadlines_ms[1] == pytest.approx(923.5)
     d = opt.decide(obs(10.0, budgets=budgets))
@@ -177,15 +187,15 @@ def test_backlog_forces_scale_up() -> None:
     #   b=3: 3 l <= 180 -> 60; batch 2 (270): 4 l <= 270 -> 67.5 -> bound 60 -> 200/60 = 3.33 -> 3350 m
     #   b=4: batch 1 starts at a 180 ms job: 3 l <= 180 -> 60 -> 250/60 = 4.17 cores
     # least CPU 3350 m; b=2 and b=3 both fit there and the largest is chosen (the batch is only a cap).
-    opt = SpongeOptimizer(TOY, max_cpu_m=8000, step_m=50, max_batch=8, **EXACT)
+    opt = exact_sponge(max_cpu_m=8000, step_m=50, max_batch=8)
     queue = (200.0,) * 6
     d = opt.decide(obs(0.0, queue=queue))
     assert (d.cpu_m, d.batch, d.feasible) == (3350, 3, True)
     assert "backlog 6" in d.explanation
-    least = SpongeOptimizer(TOY, max_cpu_m=8000, step_m=50, max_batch=8, batch_rule="least", **EXACT)
+    least = exact_sponge(max_cpu_m=8000, step_m=50, max_batch=8, batch_rule="least")
     assert least.decide(obs(0.0, queue=queue)).batch == 2
     # Without the backlog the single 270 ms job only needs 2 l(1, c) <= 270: 100/135 -> 750 m.
-    idle = SpongeOptimizer(TOY, max_cpu_m=8000, step_m=50, max_batch=8, **EXACT)
+    idle = exact_sponge(max_cpu_m=8000, step_m=50, max_batch=8)
     assert idle.decide(obs(0.0, current=Decision(100, 1))).cpu_m == 750
 
 
@@ -197,11 +207,11 @@ def test_infeasible_previous_rule_goes_to_max_cpu_with_the_least_late_batch() ->
     #   b=1: 90 - 21*50 = -960   b=2: 90 - 11*75 = -735   b=3: 90 - 8*100 = -710
     #   b=4: 90 - 6*125 = -660   b=5: 90 - 5*150 = -660   b=6: -785  b=7: -710  b=8: -810
     # (the arrival, at 270 ms, is never worse). Least lateness: b=4 and b=5 tie at -660; the first wins.
-    opt = SpongeOptimizer(TOY, max_cpu_m=2000, step_m=50, max_batch=8, infeasible="max", **EXACT)
+    opt = exact_sponge(max_cpu_m=2000, step_m=50, max_batch=8, infeasible="max")
     d = opt.decide(obs(0.0, queue=(100.0,) * 20, current=Decision(500, 1)))
     assert (d.cpu_m, d.batch, d.feasible) == (2000, 4, False)
     assert "INFEASIBLE" in d.explanation and "worst slack -660.0 ms" in d.explanation
-    w = opt.workload((300.0,) * 50, (100.0,) * 20, 0.0, 1000.0)
+    w = opt.demand.workload((300.0,) * 50, (100.0,) * 20, 0.0, 1000.0, 0.9)
     slacks = worst_slacks_ms(w, TOY.latency_ms(np.arange(1, 9), 2000.0))
     assert np.allclose(slacks, [-960, -735, -710, -660, -660, -785, -710, -810])
 
@@ -216,13 +226,13 @@ def test_infeasible_gives_up_the_fewest_then_least_cpu() -> None:
     #   b=1: l <= min(180/2, 180/3, 270/4) = 60 -> 100/60 = 1.67 cores;
     #   b=2: l <= min(180/2, 270/3) = 90 -> 150/90 = 1.67 cores;  b=3: 2 l <= 180 -> 200/90 > 2 cores.
     # -> 1700 m, and the largest batch that fits there, b=2. The previous rule spent 2000 m on it.
-    opt = SpongeOptimizer(TOY, max_cpu_m=2000, step_m=50, max_batch=8, **EXACT)
+    opt = exact_sponge(max_cpu_m=2000, step_m=50, max_batch=8)
     d = opt.decide(obs(0.0, queue=(200.0,) * 10, current=Decision(500, 1)))
     assert (d.cpu_m, d.batch, d.feasible) == (1700, 2, False)
     assert "INFEASIBLE: 8 jobs cannot be met" in d.explanation
-    w = backlog_only(opt.workload((300.0,) * 50, (200.0,) * 10, 0.0, 1000.0))
+    w = backlog_only(opt.demand.workload((300.0,) * 50, (200.0,) * 10, 0.0, 1000.0, 0.9))
     assert list(excess_jobs(w, TOY.latency_ms(np.arange(1, 9), 2000.0))) == [8, 8, 10, 10, 10, 10, 10, 10]
-    p = opt.plan((300.0,) * 50, (200.0,) * 10, 0.0, 1000.0)
+    p = opt.plan((300.0,) * 50, (200.0,) * 10, 0.0, 1000.0, safety=0.9)
     assert p.given_up == 8 and np.allclose(p.workload.deadlines_ms, [180.0, 180.0, 270.0])
 
 
@@ -232,8 +242,8 @@ def test_infeasible_gives_up_a_forecast_before_a_queued_request() -> None:
     # (met), the arrival at 3*50 = 150 > 120; b=2: both at 2*75 = 150. One must go. Giving up the
     # tightest (the queued request) would let 1700 m meet the arrival (2 l(1, c) <= 120); but it is the
     # arrival, a forecast, that is given up: the queued request needs 2 l(1, c) <= 100 -> 2000 m, b=1.
-    opt = SpongeOptimizer(TOY, max_cpu_m=2000, step_m=50, max_batch=8, safety=1.0, **EXACT)
-    p = opt.plan((120.0,) * 10, (100.0,), 0.0, 1000.0)
+    opt = exact_sponge(max_cpu_m=2000, step_m=50, max_batch=8, safety=1.0)
+    p = opt.plan((120.0,) * 10, (100.0,), 0.0, 1000.0, safety=1.0)
     assert (p.cpu_m, p.batch, p.feasible, p.given_up) == (2000, 1, False, 1)
     assert list(p.workload.deadlines_ms) == [100.0] and list(p.workload.is_backlog) == [True]
 
@@ -258,7 +268,7 @@ def test_excess_jobs_is_the_least_number_lost() -> None:
 def test_hopeless_requests_are_written_off_not_chased() -> None:
     # A request with 5 ms left cannot make it even alone at max CPU (l(1, 2000 m) = 50 ms): it is counted
     # as work but imposes no deadline, so it does not pin the allocation at the maximum.
-    opt = SpongeOptimizer(TOY, max_cpu_m=2000, step_m=50, max_batch=8, **EXACT)
+    opt = exact_sponge(max_cpu_m=2000, step_m=50, max_batch=8)
     d = opt.decide(obs(10.0, queue=(5.0,)))
     assert d.feasible and d.cpu_m < 2000
     assert "1 jobs beyond saving" in d.explanation
@@ -267,7 +277,7 @@ def test_hopeless_requests_are_written_off_not_chased() -> None:
 def test_scale_down_at_once_by_default() -> None:
     # Plans: 1000 m at 10 rps (first test), 750 m at 2 rps (b=1: l <= (270 + 500k)/(k+2) -> 135 at k=0).
     # The rate estimate is already smoothed and a resize is fast: the allocation follows the plan down.
-    opt = SpongeOptimizer(TOY, max_cpu_m=4000, step_m=50, max_batch=8, **EXACT)
+    opt = exact_sponge(max_cpu_m=4000, step_m=50, max_batch=8)
     current = Decision(1000, 1)
     cpus = []
     for t, load in enumerate([10, 2, 10]):
@@ -278,7 +288,7 @@ def test_scale_down_at_once_by_default() -> None:
 
 def test_scale_down_hysteresis_does_not_flap() -> None:
     # down_window=3: a lower allocation is adopted only after 3 consecutive lower plans; scale-up at once.
-    opt = SpongeOptimizer(TOY, max_cpu_m=4000, step_m=50, max_batch=8, down_window=3, **EXACT)
+    opt = exact_sponge(max_cpu_m=4000, step_m=50, max_batch=8, down_window=3)
     loads = [10, 10, 10, 2, 10, 10, 2, 2, 2, 10]
     current = Decision(1000, 1)
     cpus = []
@@ -286,7 +296,7 @@ def test_scale_down_hysteresis_does_not_flap() -> None:
         current = opt.decide(obs(float(load), current=current, now_ms=1000.0 * t))
         cpus.append(current.cpu_m)
     assert cpus == [1000, 1000, 1000, 1000, 1000, 1000, 1000, 1000, 750, 1000]
-    assert opt.plan((300.0,) * 50, (), 2.0, 1000.0).cpu_m == 750
+    assert opt.plan((300.0,) * 50, (), 2.0, 1000.0, safety=0.9).cpu_m == 750
 
 
 def test_bounded_scale_down_step() -> None:
@@ -296,26 +306,42 @@ def test_bounded_scale_down_step() -> None:
 
 
 def test_plan_is_minimal_and_agrees_with_the_reference_check() -> None:
+    # Feasible or after giving up: the least CPU meeting what is left, by the reference check. Except in
+    # overload (allocation.py): when the least configuration meeting what is left has a batch too small to
+    # keep up with the arrivals, the plan is max CPU and the least batch that keeps up, whether or not it
+    # meets what is left (a queue that falls behind loses without bound beyond the horizon).
     rng = np.random.default_rng(7)
     model = LatencyModel(g=18.16, d=4.73, e=46.2, h=0.71)
-    opt = SpongeOptimizer(model, max_cpu_m=8000, step_m=50, max_batch=16)
-    n_infeasible = 0
+    # the interval rule with the earlier defaults (Poisson envelope at 0.005, safety 0.9, no per-batch CPU)
+    opt = SpongeOptimizer(model, max_cpu_m=8000, step_m=50, max_batch=16, per_batch=False, safety=0.9,
+                          arrival_eps=0.005)
+    grid = opt.allocation.grid
+    n_infeasible = n_overload = 0
     for _ in range(60):
         budgets = tuple(rng.uniform(150, 1000, 200))
         queue = tuple(np.sort(rng.uniform(50, 800, int(rng.integers(0, 60)))))
         load = float(rng.uniform(0, 120))
-        p = opt.plan(budgets, queue, load, 1000.0)
+        p = opt.plan(budgets, queue, load, 1000.0, safety=0.9)
         w = p.workload  # infeasible: what is left after giving up p.given_up jobs
+        assert check(model, p.batch, p.cpu_m, w).worst_slack_ms == pytest.approx(p.worst_slack_ms)
         if not p.feasible:
             n_infeasible += 1
-            full = opt.workload(budgets, queue, load, 1000.0)
+            full = opt.demand.workload(budgets, queue, load, 1000.0, 0.9)
             assert not any(check(model, b, 8000, full).feasible for b in range(1, 17))
             assert p.given_up > 0 or w.load_rps < load
+            first = opt.allocation.first_feasible(latency_bounds_ms(w, 16))
+            ci = int(first.min())  # the least CPU meeting what is left, and its largest batch
+            b_left = int(np.flatnonzero(first <= ci)[-1]) + 1
+            assert check(model, b_left, int(grid[ci]), w).feasible
+            if model.throughput_rps(b_left, float(grid[ci])) < load:  # overload
+                n_overload += 1
+                keeps_up = [b for b in range(1, 17) if model.throughput_rps(b, 8000.0) >= load]
+                assert (p.cpu_m, p.batch) == (8000, keeps_up[0])
+                continue
         assert check(model, p.batch, p.cpu_m, w).feasible
-        assert check(model, p.batch, p.cpu_m, w).worst_slack_ms == pytest.approx(p.worst_slack_ms)
-        if p.cpu_m - 50 >= opt.min_cpu_m:
+        if p.cpu_m - 50 >= opt.config.min_cpu_m:
             assert not any(check(model, b, p.cpu_m - 50, w).feasible for b in range(1, 17))
-    assert 0 < n_infeasible < 60
+    assert 0 < n_infeasible < 60 and 0 < n_overload < n_infeasible
 
 
 def test_poisson_envelope_is_the_gamma_quantile() -> None:
@@ -338,10 +364,11 @@ def test_sponge_arrivals_are_a_poisson_envelope() -> None:
     # i has deadline 270 + 100 x_i with x_i the gamma quantile at eps' = 0.005 / (1 + 1000/270) (the
     # interval holds 1 + T/budget windows), on the 1/40-decade grid. The horizon is 1270 ms, a mean count
     # of 10: as many jobs as the upper eps'-quantile of Poisson(10).
-    opt = SpongeOptimizer(TOY, max_cpu_m=4000, step_m=50, max_batch=8)
-    eps = opt.envelope_eps(1000.0, opt.profile((300.0,) * 50))
+    opt = SpongeOptimizer(TOY, max_cpu_m=4000, step_m=50, max_batch=8, per_batch=False, safety=0.9,
+                          arrival_eps=0.005)
+    eps = opt.demand.eps(1000.0, BudgetProfile.of((300.0,) * 50, 0.9))
     assert eps == pytest.approx(0.005 / (1 + 1000 / 270), rel=0.03)
-    w = opt.workload((300.0,) * 50, (), 10.0, 1000.0)
+    w = opt.demand.workload((300.0,) * 50, (), 10.0, 1000.0, 0.9)
     assert np.allclose(w.deadlines_ms, 270.0 + 100.0 * poisson_envelope(10.0, eps))
     assert w.n_jobs > 11 and w.deadlines_ms[5] < 270.0 + 100.0 * 5  # more and earlier than the mean
 
@@ -350,7 +377,7 @@ def test_sponge_rate_is_a_ten_interval_mean_unless_it_rose() -> None:
     opt = SpongeOptimizer(TOY, max_cpu_m=4000)
 
     def predicted(history: tuple[float, ...]) -> float:
-        return opt.predicted_load(replace(obs(history[-1]), rate_history_rps=history))
+        return opt.envelope.predicted_rate(replace(obs(history[-1]), rate_history_rps=history))[0]
 
     assert predicted((9.0, 1.0, 2.0, 4.0, 6.0, 8.0, 2.0, 5.0, 3.0, 4.0, 5.0)) == pytest.approx(4.0)  # last 10
     # nine 4s then 9: mean 4.5; one interval: 9 <= 4.5 + 2.5 sqrt(4.5) = 9.8 -> noise
@@ -364,8 +391,8 @@ def test_sponge_rate_is_a_ten_interval_mean_unless_it_rose() -> None:
     #   9 <= 5.5 + 2.5 sqrt(5.5 / 2): only the three together show the rise -> 9
     assert predicted((4.0,) * 7 + (7.0,) * 3) == pytest.approx(4.9)
     assert predicted((4.0,) * 7 + (9.0,) * 3) == 9.0
-    assert SpongeOptimizer(TOY, jump_z=0).predicted_load(replace(obs(10.0), rate_history_rps=(4.0,) * 9 + (40.0,))) \
-        == pytest.approx(7.6)
+    no_jump = SpongeOptimizer(TOY, jump_z=0).envelope
+    assert no_jump.predicted_rate(replace(obs(10.0), rate_history_rps=(4.0,) * 9 + (40.0,)))[0] == pytest.approx(7.6)
 
 
 def test_closed_form_and_table_search_agree() -> None:
@@ -376,10 +403,10 @@ def test_closed_form_and_table_search_agree() -> None:
     for _ in range(200):
         g, d, e, h = rng.uniform(0, 150), rng.uniform(0, 30), rng.uniform(0, 60), rng.uniform(0, 5)
         a = SpongeOptimizer(LatencyModel(g, d, e, h), max_cpu_m=16000, step_m=int(rng.choice([1, 50, 100])))
-        b = SpongeOptimizer(TableOnly(g, d, e, h), max_cpu_m=16000, step_m=a.step_m)
+        b = SpongeOptimizer(TableOnly(g, d, e, h), max_cpu_m=16000, step_m=a.config.step_m)
         bounds = rng.uniform(0, 800, 16)
         bounds[rng.random(16) < 0.1] = np.inf
-        assert (a.first_feasible(bounds) == b.first_feasible(bounds)).all()
+        assert (a.allocation.first_feasible(bounds) == b.allocation.first_feasible(bounds)).all()
 
 
 def test_vectorised_bounds_for_many_loads_match_one_by_one() -> None:
@@ -421,7 +448,7 @@ def test_joint_search_equals_brute_force() -> None:
         j = JointOptimizer(model, max_cpu_m=4000, step_m=50, max_batch=16, max_replicas=12)
         for _ in range(5):
             o = obs(float(rng.uniform(5, 150)), budgets=tuple(rng.uniform(400, 1500, 100)))
-            prof = j.vertical.profile(o.budgets_ms)
+            prof = BudgetProfile.of(o.budgets_ms, j.safety)
             n, cpu = j.recommend_replicas(o, o.arrival_rate_rps, prof)
             plans = {k: j.plan_for(k, o, o.arrival_rate_rps, prof, backlog=False) for k in range(1, 13)}
             best = min((k * q.cpu_m, k) for k, q in plans.items() if q.feasible)
