@@ -65,6 +65,10 @@ class ServerConfig(BaseModel):
     guaranteed: bool = Field(True, description="put replica cgroups under a high-CPU-weight parent, so a replica "
                              "gets its quota even when the front door or neighbours compete (like a Guaranteed pod)")
     policy: Literal["sponge", "paper", "static"] = "sponge"
+    per_batch: bool = Field(True, description="between two controller decisions, size the replica's CPU per "
+                            "batch to the work present (at every arrival, batch start and end: the least CPU "
+                            "meeting the queued deadlines, never below the decision, the minimum when idle); "
+                            "sponge on its learned model, one replica; off for policy static")
     profile: str | None = Field(None, description="latency profile JSON (default: <model>.profile.json)")
     auto_profile: bool = Field(True, description="learn the latency model online also from background "
                                "profiling batches run in idle gaps (served batches are always used)")

@@ -48,9 +48,10 @@ def test_controller_scales_the_replica_in_place_with_load(tmp_path):
     profile = synthetic_profile(tmp_path)
     # --no-auto-profile: the idle prober resizes an idle replica for a moment to measure a cell (by design,
     # tests/test_prober.py), so the real quota would differ from the controller's decision now and then —
-    # more often on a busy host, where probes take longer. This test compares the two.
+    # more often on a busy host, where probes take longer. This test compares the two. --no-per-batch for
+    # the same reason: per-batch sizing moves the quota at every batch (tests/test_per_batch_live.py).
     srv = ServerProcess("--policy", "sponge", "--profile", str(profile), "--interval-ms", "250",
-                        "--min-cpu-m", "200", "--max-batch", "8", "--no-auto-profile")
+                        "--min-cpu-m", "200", "--max-batch", "8", "--no-auto-profile", "--no-per-batch")
     try:
         pid = srv.admin("GET", "/admin/replicas").json()["replicas"][0]["pid"]
         # Idle: the controller brings the replica down to the minimum (after its hysteresis window).

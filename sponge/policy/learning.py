@@ -22,6 +22,12 @@ under noise. `LearningPolicy` wraps a model-driven policy (sponge, paper, joint)
   a 2-core host with both cores busy: the held-out error of the same cells moved 49 % -> 69 % within 2 s).
 
 Every served batch is an observation (`Observation.batches`), live and in the simulator alike.
+
+Per-batch CPU between two decisions (`per_batch=True`, for an inner policy that has `batch_cpu_m`, i.e.
+sponge): `batch_cpu_m` and `max_cpu_m` are forwarded to the inner policy in model mode only; in safe and
+explore modes `batch_cpu_m` answers None (the interval decision stands: exploring must serve batches at
+the allocations it picks, to measure them). They exist only on a policy built with `per_batch=True`, so a
+caller that looks for them (the simulator, once, at its start) finds them exactly when they can answer.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Protocol, Sequence
 
 from sponge.perf.samples import BatchSample
-from sponge.policy.types import Decision, Observation, Policy
+from sponge.policy.types import BatchCpu, Decision, Observation, Policy, QueueView
 
 DEFAULT_REFRESH_MS = 10_000.0
 # Deadline scale factor while exploring: the provisional model is already an upper bound of what was
@@ -80,13 +86,20 @@ class LearningPolicy:
     """Safe allocation until the learned model is good enough, then the inner policy on that model."""
 
     def __init__(self, name: str, learner: LatencyLearner, make_inner: PolicyFactory, safe: Decision,
-                 refresh_ms: float = DEFAULT_REFRESH_MS, keep_factor: float = 1.5, explore: bool = True) -> None:
+                 refresh_ms: float = DEFAULT_REFRESH_MS, keep_factor: float = 1.5, explore: bool = True,
+                 per_batch: bool = False, reach_cpu_m: int | None = None,
+                 make_explorer: PolicyFactory | None = None) -> None:
+        """per_batch: forward the inner policy's per-batch CPU sizing (module docstring); reach_cpu_m: the
+        most it reaches (`max_cpu_m` before the inner policy exists; the inner policy's afterwards);
+        make_explorer: the policy explore mode plans with (default `make_inner`; without per-batch sizing
+        it may want a different burst margin)."""
         if refresh_ms <= 0 or keep_factor < 1:
             raise ValueError(f"need refresh_ms > 0 and keep_factor >= 1, got {refresh_ms}, {keep_factor}")
         self.keep_factor = keep_factor
         self.name = name
         self.learner = learner
         self.make_inner = make_inner
+        self.make_explorer = make_explorer or make_inner
         self.safe = safe
         self.refresh_ms = refresh_ms
         self.inner: Policy | None = None
@@ -98,6 +111,23 @@ class LearningPolicy:
         self.explore = explore
         self._explorer: Policy | None = None
         self._explorer_ms = float("-inf")
+        self.per_batch = per_batch
+        self._reach_cpu_m = reach_cpu_m
+        if per_batch:  # an instance attribute: absent (getattr -> None) on a policy that never sizes per batch
+            self.batch_cpu_m = self._batch_cpu_m
+
+    def _batch_cpu_m(self, view: QueueView) -> BatchCpu | None:
+        """The inner policy's per-batch CPU in model mode; None otherwise (the interval decision stands)."""
+        sizer = getattr(self.inner, "batch_cpu_m", None) if self.inner is not None else None
+        return sizer(view) if sizer is not None else None
+
+    @property
+    def max_cpu_m(self) -> int | None:
+        """The most per-batch sizing reaches (the inner policy's in model mode), None without per-batch."""
+        if not self.per_batch:
+            return None
+        inner = getattr(self.inner, "max_cpu_m", None) if self.inner is not None else None
+        return inner if inner is not None else self._reach_cpu_m
 
     @property
     def mode(self) -> str:
@@ -159,7 +189,7 @@ class LearningPolicy:
             self._explorer = None
             return replace(self.safe, explanation=f"safe allocation ({why})")
         if self._explorer is None or obs.now_ms - self._explorer_ms >= self.refresh_ms:
-            self._explorer = self.make_inner(model, EXPLORE_SAFETY)
+            self._explorer = self.make_explorer(model, EXPLORE_SAFETY)
             self._explorer_ms = obs.now_ms
         d = self._explorer.decide(obs)
         return replace(d, explanation=f"exploring on the conservative provisional model ({why}): {d.explanation}")

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -89,6 +90,26 @@ def monotonic_ms() -> float:
     return time.monotonic() * 1000.0
 
 
+@dataclass
+class RunningWork:
+    """What a replica runs now (a served batch, or an idle probe's): for per-batch CPU sizing, which
+    needs its images, its tightest deadline and how much of it is left. Progress is booked by the model:
+    `done` is the fraction finished by `t_ms`, from when it runs at `cpu_m` (a resize re-books it)."""
+
+    images: int
+    deadline_ms: float  # absolute, its tightest member's (+inf: a probe, nothing to protect)
+    cpu_m: int
+    t_ms: float
+    done: float = 0.0
+    probe: bool = False
+
+    def left(self, now_ms: float, latency_ms: float) -> float:
+        """Fraction of the work still to do at now_ms, `latency_ms` being its whole latency at cpu_m."""
+        if latency_ms <= 0.0:
+            return 0.0
+        return max(0.0, 1.0 - self.done - (now_ms - self.t_ms) / latency_ms)
+
+
 class ServingCore:
     """Queue + batcher + replicas. `submit` admits a request; dispatch loops serve the queue."""
 
@@ -105,7 +126,9 @@ class ServingCore:
         self.clock = clock
         self.queue: EDFQueue[Pending] = EDFQueue(queue_capacity)
         self.estimate = OnlineServiceEstimate(cpu_m=cpu_m)
-        self.batcher = Batcher(batch, self.estimate, expiry, max_wait_ms)
+        # "can it still make it" at the allocation in force, or, while CPU is sized per batch, at the one
+        # the sizer can reach (`_expiry_ms`)
+        self.batcher = Batcher(batch, self.estimate, expiry, max_wait_ms, expiry_estimate_ms=self._expiry_ms)
         self.cpu_m = {r.name: cpu_m for r in replicas}
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -125,12 +148,28 @@ class ServingCore:
         self.arrivals = 0  # total admitted + refused, for the controller's rate observation
         self.recent_budgets: list[tuple[float, float]] = []  # (arrival, budget) ms since the controller looked
         self.recent_batches: list[BatchSample] = []  # batches served since the controller last looked
+        # Per-batch CPU (sponge.server.per_batch.PerBatchSizer, installed by serve.py with one replica):
+        # called with (now_ms, force) at every arrival, before a batch is formed, when it starts and ends,
+        # and on the deadline timer's wakeups. `sizes_per_batch`: the policy sized the last call (the
+        # allocation is the sizer's; expiry judges at the reachable allocation).
+        self.batch_sizer: Callable[[float, bool], bool] | None = None
+        self.sizes_per_batch = False
+        # l(images, cpu_m) in ms from the learned latency model, when the controller runs on one (serve.py
+        # keeps it current); else None and the online estimate (at the allocation in force) stands in
+        self.latency_at: Callable[[int, int], float] | None = None
+        self.running: dict[str, RunningWork] = {}  # replica -> the work it runs now
+        self.probing: set[str] = set()  # replicas an idle probe holds (their dispatch loops wait)
+        self.resizes: dict[str, int] = {r.name: 0 for r in replicas}  # resizes so far, per replica
+        self.version = 0  # bumped whenever the queue or the running work changes (the sizer skips otherwise)
+        self.arrival_times: deque[float] = deque()  # the last second's arrivals (kept while a sizer is set)
         metrics.configured_batch.labels(model_name).set(batch)
 
     # ---- admission -------------------------------------------------------------------------
     def submit(self, inputs: dict[str, np.ndarray], items: int, budget: Budget, arrival_ms: float) -> Pending:
         """Admit a request or raise DeadlineExpired / ServerBusy. The caller awaits `pending.future`."""
         self.arrivals += 1
+        if self.batch_sizer is not None:
+            self.arrival_times.append(self.clock())
         if self._closing:
             raise ServerBusy("server is shutting down", 1)
         if len(self.recent_budgets) < 100_000:  # bounded even if no controller drains it
@@ -139,10 +178,10 @@ class ServingCore:
         if self.batcher.expiry is ExpiryPolicy.REJECT:
             if self.admission is not None:
                 self._admit(items, budget, now)
-            elif budget.deadline_ms < now + self.estimate(items):
+            elif budget.deadline_ms < now + self._expiry_ms(items):
                 raise DeadlineExpired(
                     f"budget {budget.budget_ms:.1f} ms (slo {budget.slo_ms:.0f} - network {budget.network_ms:.0f}) "
-                    f"cannot be met: an inference of {items} image(s) takes ~{self.estimate(items):.1f} ms"
+                    f"cannot be met: an inference of {items} image(s) takes ~{self._expiry_ms(items):.1f} ms"
                 )
         pending = Pending(inputs, items, budget, arrival_ms, asyncio.get_running_loop().create_future())
         try:
@@ -157,7 +196,67 @@ class ServingCore:
             self._head_changed.set()  # the deadline timer sleeps for the old head
         self.metrics.queue_length.labels(self.model_name).set(len(self.queue))
         self._wakeup.set()
+        self.version += 1
+        self.size_batch(now)  # an arrival: the CPU its deadline needs, at once (within one CFS period)
         return pending
+
+    # ---- per-batch CPU ------------------------------------------------------------------------------
+    def size_batch(self, now: float | None = None, force: bool = False) -> bool:
+        """Ask the per-batch sizer (if any) for the CPU and batch cap the present work needs and apply
+        them; True when the policy sized. Never raises: a failing sizer is logged and serving goes on."""
+        sizer = self.batch_sizer
+        if sizer is None or self._closing:
+            return False
+        try:
+            return sizer(self.clock() if now is None else now, force)
+        except Exception:
+            log.exception("per-batch CPU sizing failed (the allocation stays as it is)")
+            self.metrics.dispatch_errors.labels(self.model_name).inc()
+            return False
+
+    def _expiry_ms(self, images: int) -> float:
+        """A request is hopeless if it misses even when served next alone: judged at the allocation in force,
+        or, while CPU is sized per batch, at the largest the sizer reaches (it raises it for that request)."""
+        return self.reachable_ms(images) if self.sizes_per_batch else self.estimate(images)
+
+    def latency_ms(self, images: int, cpu_m: int) -> float:
+        """l(images, cpu_m): the learned model's when the controller runs on one, else the online estimate
+        (at the allocation in force, whatever cpu_m)."""
+        if self.latency_at is not None:
+            return float(self.latency_at(images, cpu_m))
+        return self.estimate(images)
+
+    def note_resize(self, name: str, cpu_m: int) -> None:
+        """The replica's allocation changed (ReplicaScaler.resize): re-book the progress of its running work,
+        and mark its batch as straddling a resize (no sample of l(b, c))."""
+        self.resizes[name] = self.resizes.get(name, 0) + 1
+        work = self.running.get(name)
+        if work is not None and work.cpu_m != cpu_m:
+            now = self.clock()
+            work.done = 1.0 - work.left(now, self.latency_ms(work.images, work.cpu_m))
+            work.t_ms, work.cpu_m = now, cpu_m
+
+    def probe_started(self, name: str, images: int, cpu_m: int) -> None:
+        """An idle probe holds the replica (IdleProber): its dispatch loop waits until `probe_ended`; the
+        probe is the work in flight (nothing to protect) for admission and per-batch sizing."""
+        now = self.clock()
+        self.probing.add(name)
+        self.running[name] = RunningWork(images, math.inf, cpu_m, now, probe=True)
+        self._busy_until[name] = now + self.latency_ms(images, cpu_m)
+        self.version += 1
+
+    def probe_ended(self, name: str) -> None:
+        """The probe is over (its allocation restored, or handed to the sizer): size for what is queued and
+        let the dispatch loop serve it."""
+        self.probing.discard(name)
+        work = self.running.get(name)
+        if work is not None and work.probe:
+            del self.running[name]
+        now = self.clock()
+        self._busy_until[name] = now
+        self.version += 1
+        self._wakeup.set()
+        self.size_batch(now)
 
     def reachable_ms(self, images: int) -> float:
         """A batch's expected wall time at the allocation the controller can reach (`max_cpu_m`): the learned
@@ -200,6 +299,7 @@ class ServingCore:
         if pending.entry is None or not self.queue.remove(pending.entry):
             return False
         pending.future.cancel()
+        self.version += 1
         self.metrics.queue_length.labels(self.model_name).set(len(self.queue))
         self._wakeup.set()  # the batcher may have been waiting on this request's slack
         return True
@@ -292,8 +392,19 @@ class ServingCore:
         if not replica.ready:
             await self._restart(replica)
             return
+        if replica.name in self.probing:  # an idle probe holds it: served right after (probe_ended wakes us)
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), 0.05)
+            except TimeoutError:
+                pass
+            return
         now = self.clock()
+        if self.queue:
+            self.size_batch(now)  # before the batch is formed: its cap and its CPU
         action = self.batcher.next_action(self.queue, now)
+        if action.expired or isinstance(action.step, Dispatch):
+            self.version += 1
         for e in action.expired:
             self._expire(e, now)
         if isinstance(action.step, Dispatch):
@@ -330,12 +441,14 @@ class ServingCore:
         for e in expired:
             self._expire(e, now)
         if expired:
+            self.version += 1
             self.metrics.queue_length.labels(self.model_name).set(len(self.queue))
             self._wakeup.set()  # a dispatch loop may be waiting on the expired head's slack
+        self.size_batch(now)  # skipped by the sizer when nothing changed
         head = self.queue.peek()
         self._head_changed.clear()
         # at least 1 ms: at the exact moment the head is not yet expired (strict inequality)
-        return None if head is None else max(0.001, (head.deadline_ms - self.estimate(head.size) - now) / 1000.0)
+        return None if head is None else max(0.001, (head.deadline_ms - self._expiry_ms(head.size) - now) / 1000.0)
 
     async def _restart(self, replica: Replica) -> None:
         self.metrics.replica_restarts.labels(replica.name).inc()
@@ -353,10 +466,20 @@ class ServingCore:
             log.exception("batch of %d request(s) on replica %s failed in dispatch", len(pendings), replica.name)
             self.metrics.dispatch_errors.labels(self.model_name).inc()
             _fail(pendings, InferenceFailed(f"internal error in dispatch: {type(exc).__name__}: {exc}"))
+        finally:
+            if self.running.pop(replica.name, None) is not None:
+                self.version += 1
+        self.size_batch()  # the batch ended: the CPU the queue needs now (the idle minimum if none)
 
     async def _run_batch(self, replica: Replica, pendings: list[Pending]) -> None:
         start = self.clock()
+        n_images = sum(p.items for p in pendings)
+        self.running[replica.name] = RunningWork(n_images, min(p.budget.deadline_ms for p in pendings),
+                                                 self.cpu_m[replica.name], start)
+        self.version += 1
+        self.size_batch(start)  # it starts: more CPU if the work queued behind it needs it (before it is sent)
         cpu_m = self.cpu_m[replica.name]  # the allocation the batch starts on (its BatchSample's c)
+        resizes = self.resizes.get(replica.name, 0)
         names = list(pendings[0].inputs)
         if len(pendings) == 1:
             inputs = pendings[0].inputs
@@ -364,7 +487,7 @@ class ServingCore:
             inputs = {n: np.concatenate([p.inputs[n] for p in pendings]) for n in names}
         timeout_ms = self.watchdog_ms(sum(p.items for p in pendings), self.cpu_m[replica.name])
         self._overdue_at[replica.name] = start + timeout_ms
-        expected_ms = self.estimate(sum(p.items for p in pendings)) + self.dispatch_overhead_ms
+        expected_ms = self.latency_ms(n_images, cpu_m) + self.dispatch_overhead_ms
         self._busy_until[replica.name] = start + expected_ms  # for admission: when this replica frees
         try:
             async with asyncio.timeout(timeout_ms / 1000.0):  # no extra task per batch (unlike wait_for)
@@ -398,8 +521,10 @@ class ServingCore:
             log.warning("replica %s: a batch of %d image(s) took %.0f ms, far beyond the estimate (%.1f ms): "
                         "treated as a stall, not learned", replica.name, images, result.infer_ms,
                         self.estimate(images))
-        elif self.cpu_m[replica.name] == cpu_m:  # a batch that straddled a resize measured two allocations
+        elif self.cpu_m[replica.name] == cpu_m and self.resizes.get(replica.name, 0) == resizes:
             self.record_batch(BatchSample(images, cpu_m, float(result.infer_ms), self.clock()))
+        else:  # a batch that straddled a resize measured two allocations: no sample of l(b, c)
+            self.metrics.straddled.labels(self.model_name).inc()
         offset = 0
         for p in pendings:
             part = {k: v[offset: offset + p.items] for k, v in result.outputs.items()}

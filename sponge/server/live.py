@@ -8,6 +8,7 @@ from typing import Sequence
 from sponge.perf.samples import BatchSample
 from sponge.policy.types import Decision
 from sponge.server.core import ServingCore
+from sponge.server.per_batch import PerBatchSizer
 from sponge.server.scaler import ReplicaScaler
 
 log = logging.getLogger("sponge.live")
@@ -44,17 +45,24 @@ class LiveView:
 
 
 class LiveApplier:
-    """Applies decisions in place: resize every replica, set the batch size."""
+    """Applies decisions in place: resize every replica, set the batch size. While the policy sizes CPU per
+    batch (`per_batch`, sponge.server.per_batch) the CPU is left to it: the decision is its floor, applied
+    by `PerBatchSizer.decided` right after (serve.py's on_decision), not first down to the floor and then
+    back up for the batch in flight."""
 
-    def __init__(self, core: ServingCore, scaler: ReplicaScaler, max_batch: int) -> None:
+    def __init__(self, core: ServingCore, scaler: ReplicaScaler, max_batch: int,
+                 per_batch: PerBatchSizer | None = None) -> None:
         self.core = core
         self.scaler = scaler
         self.max_batch = max_batch
+        self.per_batch = per_batch
         self._warned_replicas = False
 
     def apply(self, decision: Decision) -> None:
         cpu_m = min(max(decision.cpu_m, self.scaler.min_cpu_m), self.scaler.max_cpu_m)
-        if any(self.core.cpu_m[r.name] != cpu_m for r in self.core.replicas):
+        if self.per_batch is not None and self.core.sizes_per_batch:
+            self.per_batch.deferred = True
+        elif any(self.core.cpu_m[r.name] != cpu_m for r in self.core.replicas):
             self.scaler.resize_all(cpu_m)
         self.core.set_batch(min(max(1, decision.batch), self.max_batch))
         if decision.replicas != len(self.core.replicas) and not self._warned_replicas:

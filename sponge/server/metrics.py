@@ -51,6 +51,19 @@ class Metrics:
                                        "batch's requests are answered 500; the loop goes on)", ["model"], registry=r)
         self.stalls = Counter("sponge_batch_stalls", "Served batches far slower than the estimate, set aside "
                               "as stalls (not fed to the latency estimate or the learner)", ["model"], registry=r)
+        self.straddled = Counter("sponge_batches_straddled", "Served batches during which the replica was "
+                                 "resized: they measured two allocations, so they are not samples of l(b, c)",
+                                 ["model"], registry=r)
+        # Per-batch CPU between two controller decisions (sponge.server.per_batch)
+        self.batch_resizes = Counter("sponge_batch_resizes", "In-place resizes made by per-batch CPU sizing "
+                                     "(at an arrival, a batch's start or end), by direction", ["direction"],
+                                     registry=r)
+        self.batch_sizing = Histogram("sponge_batch_sizing_seconds", "Time of one per-batch CPU sizing on the "
+                                      "event loop (the policy's answer, and the resize when there is one)",
+                                      ["resized"], buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01,
+                                                            0.05), registry=r)
+        self.per_batch_active = Gauge("sponge_per_batch_active", "1 while the policy sizes CPU per batch "
+                                      "between decisions (sponge on the learned model), else 0", registry=r)
         self.decisions = Counter("sponge_decisions", "Controller decisions by policy and feasibility",
                                  ["policy", "feasible"], registry=r)
         self.resize_duration = Histogram("sponge_resize_duration_seconds", "Time to apply a CPU change",

@@ -93,13 +93,31 @@ class IdleProber:
 
     # ---- one probe ------------------------------------------------------------------------------------------
     async def probe_once(self, replica: Replica, b: int, cpu_m: int) -> BatchSample | None:
-        """Run one probe batch at (b, cpu_m) on an idle replica; the sample, or None if disturbed/failed."""
+        """Run one probe batch at (b, cpu_m) on an idle replica; the sample, or None if disturbed/failed.
+
+        The serving core is told (`probe_started`/`probe_ended`, when it has them): its dispatch loop waits
+        for the probe instead of queueing a batch behind it in the worker, admission counts the probe as
+        work in flight, and per-batch CPU sizing leaves the probe's allocation alone while nothing is
+        queued; an arrival mid-probe is sized with the probe as the batch in flight, and then the sizer,
+        not the probe, owns the allocation (no restore to the idle allocation under the arrival's feet)."""
         restore_to = self.core.cpu_m[replica.name]
         arrivals0 = self.core.arrivals
         inputs = self._batch(replica, b)
         moved = cpu_m != restore_to
-        if moved:
-            self.scaler.resize(replica.name, cpu_m)
+        started = getattr(self.core, "probe_started", None)
+        if started is not None:
+            started(replica.name, b, cpu_m)
+        try:
+            if moved:
+                self.scaler.resize(replica.name, cpu_m)
+            return await self._run_probe(replica, b, cpu_m, restore_to, moved, arrivals0, inputs)
+        finally:
+            ended = getattr(self.core, "probe_ended", None)
+            if ended is not None:
+                ended(replica.name)  # after the restore: the sizer sizes from the allocation in force
+
+    async def _run_probe(self, replica: Replica, b: int, cpu_m: int, restore_to: int, moved: bool, arrivals0: int,
+                         inputs: dict[str, np.ndarray]) -> BatchSample | None:
         task = asyncio.ensure_future(replica.infer(inputs))
         disturbed = False
         try:
@@ -125,7 +143,10 @@ class IdleProber:
         return sample
 
     def _restore(self, replica: Replica, probed_at: int, restore_to: int, moved: bool) -> None:
-        """Back to the allocation in force, unless someone (the controller) resized meanwhile."""
+        """Back to the allocation in force, unless someone (the controller) resized meanwhile, or per-batch
+        CPU sizing owns the allocation and work is queued (it sized for the arrival, the probe included)."""
+        if getattr(self.core, "sizes_per_batch", False) and len(self.core.queue) > 0:
+            return
         if moved and self.core.cpu_m.get(replica.name) == probed_at:
             self.scaler.resize(replica.name, restore_to)
 

@@ -81,7 +81,9 @@ class ReplicaScaler:
         apply_ms = (time.perf_counter() - t0) * 1000
         replica = next(r for r in self.core.replicas if r.name == name)
         threads = threads_for(applied)
-        replica.set_threads(threads)
+        if replica.threads != threads:  # per-batch sizing resizes often, mostly within one thread count
+            replica.set_threads(threads)
+        self.core.note_resize(name, applied)  # before cpu_m changes: the running work's progress so far
         self.core.cpu_m[name] = applied
         self.allocation.set(self.core.clock(), name, applied)
         self.core.estimate.resized(applied)  # latencies seen at the old allocation now only bound it

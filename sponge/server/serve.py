@@ -34,6 +34,7 @@ from sponge.server.core import ServingCore
 from sponge.server.live import LiveApplier, LiveView
 from sponge.server.memory import IdleTrimmer
 from sponge.server.metrics import Metrics
+from sponge.server.per_batch import PerBatchSizer
 from sponge.server.prober import IdleProber
 from sponge.server.scaler import NullActuator, ReplicaScaler
 
@@ -126,22 +127,47 @@ def load_offline_profile(cfg: ServerConfig, model_path: Path) -> tuple[Any, str]
     return profile, f"offline profile {path} ({len(profile.grid)} cells)"
 
 
+# The sponge rule's stated burst risk per interval when nothing absorbs bursts between decisions (no per-batch
+# CPU: --no-per-batch, several replicas, or exploring) — the rule's value before per-batch sizing existed.
+ARRIVAL_EPS_WITHOUT_PER_BATCH = 0.005
+
+
+def sizes_per_batch(cfg: ServerConfig) -> bool:
+    """Whether the server sizes CPU per batch between decisions: sponge, one replica, --per-batch."""
+    return cfg.per_batch and cfg.policy == "sponge" and cfg.replicas == 1
+
+
+def sponge_params(cfg: ServerConfig, max_cpu_m: int, per_batch: bool) -> dict[str, Any]:
+    """The sponge rule's parameters on this server (with or without per-batch CPU between decisions)."""
+    extra: dict[str, Any] = {} if per_batch else {"arrival_eps": ARRIVAL_EPS_WITHOUT_PER_BATCH}
+    return {"min_cpu_m": cfg.min_cpu_m, "max_cpu_m": max_cpu_m, "max_batch": cfg.max_batch, "per_batch": per_batch,
+            **extra}
+
+
 def make_learning_policy(cfg: ServerConfig, profile: Any, cpu_m: int, max_cpu_m: int) -> LearningPolicy:
     """The configured model-driven policy behind a LearningPolicy: safe allocation until the online model
-    (seeded with the offline profile's cells, if any) is good enough."""
+    (seeded with the offline profile's cells, if any) is good enough. With per-batch CPU (sponge, one
+    replica) the policy forwards the inner rule's `batch_cpu_m` on the learned model; the explorer plans
+    without it (exploring serves batches at the allocations it picks)."""
     from sponge.perf.online import OnlineLatencyLearner
 
     learner = OnlineLatencyLearner()
     if profile is not None:
         learner.seed(profile.points())
+    per_batch = sizes_per_batch(cfg)
 
     def inner(model: Any, safety: float) -> Policy:
         if cfg.policy == "paper":  # the published rule keeps its own constant margin (0.9)
             return make_policy("paper", model, max_cores=max(1, max_cpu_m // 1000), max_batch=cfg.max_batch)
-        return make_policy("sponge", model, min_cpu_m=cfg.min_cpu_m, max_cpu_m=max_cpu_m,
-                           max_batch=cfg.max_batch, safety=safety)
+        return make_policy("sponge", model, safety=safety, **sponge_params(cfg, max_cpu_m, per_batch))
 
-    return LearningPolicy(cfg.policy, learner, inner, Decision(cpu_m, cfg.batch, cfg.replicas))
+    def explorer(model: Any, safety: float) -> Policy:
+        if cfg.policy == "paper":
+            return inner(model, safety)
+        return make_policy("sponge", model, safety=safety, **sponge_params(cfg, max_cpu_m, False))
+
+    return LearningPolicy(cfg.policy, learner, inner, Decision(cpu_m, cfg.batch, cfg.replicas), per_batch=per_batch,
+                          reach_cpu_m=max_cpu_m if per_batch else None, make_explorer=explorer)
 
 
 def make_policy_for(cfg: ServerConfig, model: LatencyModel | None, cpu_m: int, max_cpu_m: int) -> Policy:
@@ -150,7 +176,7 @@ def make_policy_for(cfg: ServerConfig, model: LatencyModel | None, cpu_m: int, m
         return StaticPolicy(cpu_m=cpu_m, batch=cfg.batch, replicas=cfg.replicas)
     if cfg.policy == "paper":
         return make_policy("paper", model, max_cores=max(1, max_cpu_m // 1000), max_batch=cfg.max_batch)
-    return make_policy("sponge", model, min_cpu_m=cfg.min_cpu_m, max_cpu_m=max_cpu_m, max_batch=cfg.max_batch)
+    return make_policy("sponge", model, **sponge_params(cfg, max_cpu_m, sizes_per_batch(cfg)))
 
 
 class DecisionReporter:
@@ -192,15 +218,36 @@ class DecisionReporter:
 
 
 def follow_learned_model(core: ServingCore, policy: Policy) -> None:
-    """Admission estimates service times on the learned latency model at the largest allocation while the
-    controller decides on that model (LearningPolicy in model mode); otherwise (None) on the core's online
-    estimate. Called after each controller decision (the learner changes only then)."""
+    """Admission (and, while CPU is sized per batch, expiry and the sizer's view of the batch in flight)
+    estimates service times on the learned latency model — at the largest allocation, and at the one in
+    force — while the controller decides on that model (LearningPolicy in model mode); otherwise (None) on
+    the core's online estimate. Called after each controller decision (the learner changes only then)."""
     model = policy.learner.model() if isinstance(policy, LearningPolicy) and policy.mode == "model" else None
     if model is None:
         core.reachable_latency = None
+        core.latency_at = None
         return
     cpu_m = core.max_cpu_m
     core.reachable_latency = functools.lru_cache(maxsize=256)(lambda images: float(model.latency_ms(images, cpu_m)))
+    # per-batch sizing's view of the batch in flight: l(images, c) at the allocation in force
+    core.latency_at = functools.lru_cache(maxsize=4096)(lambda images, c: float(model.latency_ms(images, c)))
+
+
+def make_per_batch(cfg: ServerConfig, core: ServingCore, scaler: ReplicaScaler, policy: Policy,
+                   max_cpu_m: int) -> PerBatchSizer | None:
+    """Per-batch CPU between decisions (sponge.server.per_batch) when the policy can size per batch (sponge
+    with --per-batch, one replica); installed in the core, which calls it at every arrival, batch start
+    and end. None otherwise (said in the log when it was asked for but cannot run)."""
+    sizer = getattr(policy, "batch_cpu_m", None)
+    if sizer is None:
+        if cfg.per_batch and cfg.policy == "sponge" and cfg.replicas > 1:
+            log.warning("per-batch CPU sizes one replica; with %d replicas the CPU follows the controller's "
+                        "decisions only", cfg.replicas)
+        return None
+    per_batch = PerBatchSizer(core, sizer, scaler.resize, cfg.min_cpu_m, max_cpu_m, cfg.max_batch)
+    core.batch_sizer = per_batch
+    log.info("per-batch CPU between decisions: on (runs once the controller is on the learned model)")
+    return per_batch
 
 
 PROBE_BATCHES = (1, 2, 4, 8)
@@ -268,13 +315,17 @@ def build_app(cfg: ServerConfig) -> FastAPI:
             prober = make_prober(cfg, core, scaler, policy, max_cpu_m)
     reporter = DecisionReporter(metrics, policy, prober)
     trimmer = IdleTrimmer()
+    per_batch = make_per_batch(cfg, core, scaler, policy, max_cpu_m)
 
     def on_decision(entry: DecisionLogEntry) -> None:
         reporter(entry)
         follow_learned_model(core, policy)
+        if per_batch is not None:  # the policy's state changed: size now (or hand the CPU back to the decision)
+            per_batch.decided(controller.current)
+            entry.explanation += per_batch.take_window()
         trimmer(core.arrivals, len(core.queue))  # after a burst, give its freed memory back to the OS
 
-    controller = Controller(policy, LiveView(core, scaler), LiveApplier(core, scaler, cfg.max_batch),
+    controller = Controller(policy, LiveView(core, scaler), LiveApplier(core, scaler, cfg.max_batch, per_batch),
                             Decision(cpu_m, cfg.batch, cfg.replicas), cfg.interval_ms, clock=core.clock,
                             on_decision=on_decision)
 
