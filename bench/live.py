@@ -58,6 +58,24 @@ def ensure_profile(model_path: Path, max_cpu_m: int):
     return profile
 
 
+def per_batch_counts(url: str) -> dict[str, float]:
+    """From the live server's /metrics: per-batch resizes, batches served, batches that straddled a resize."""
+    import re
+
+    import httpx
+
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return {}
+
+    def total(name: str) -> float:
+        return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+    return {"per_batch_resizes": total("sponge_batch_resizes_total"), "batches": total("sponge_batch_size_count"),
+            "straddled_batches": total("sponge_batches_straddled_total")}
+
+
 def smallest_static(model, scenario: Scenario, peak_rps: float, max_cpu_m: int, max_batch: int) -> tuple[int, int]:
     """The least CPU (and its batch) that the sponge feasibility rule says holds the peak load with
     the scenario's budget distribution and no backlog — the best a static allocation can be sized."""
@@ -111,6 +129,7 @@ def main() -> int:
     }
     out = Path(args.out)
     runs, sims = {}, {}
+    server_counts: dict[str, dict[str, float]] = {}
     noise = measured_noise_sigma(profile_path_for(model_path))
     for name in args.policies.split(","):
         cfg = ServerConfig(**{k: v for k, v in configs[name].items() if k != "profile"}, max_batch=args.max_batch)
@@ -122,6 +141,7 @@ def main() -> int:
             state = srv.admin("GET", "/admin/replicas").json()  # the configuration in force at the start
             start_cpu, start_batch = state["replicas"][0]["cpu_m"], state["batch"]
             run_load(scenario, srv.url, "efficientnet-lite0", out / name, ADMIN_TOKEN, label=name)
+            server_counts[name] = per_batch_counts(srv.url)
         finally:
             srv.stop()
         meta_path = out / name / "run.json"  # so `sponge report` splits off the unsaveable requests too
@@ -132,8 +152,10 @@ def main() -> int:
             continue  # no twin: the simulator has no idle prober to learn a model from nothing
         policy = (make_policy_for(cfg, None, cfg.cpu_m, max_cpu_m) if cfg.policy == "static"
                   else make_learning_policy(cfg, profile, cfg.cpu_m, max_cpu_m))
+        # the simulator's default resize delay (15 ms) + decision time (1 ms): what the live per-batch sizer
+        # plans with (sponge.server.per_batch.PER_BATCH_DELAY_MS), so both size alike
         sim = simulate(RequestSet.from_planned(scenario.plan()), truth, policy,
-                       SimConfig(interval_ms=cfg.interval_ms, resize_delay_ms=5.0, noise_sigma=noise,
+                       SimConfig(interval_ms=cfg.interval_ms, noise_sigma=noise,
                                  max_wait_ms=cfg.max_batch_wait_ms, initial_cpu_m=start_cpu,
                                  initial_batch=start_batch, expiry=cfg.expiry_policy))
         sim.saveable_floor_ms = floor
@@ -163,7 +185,11 @@ def main() -> int:
               f"{v['core_s_live']:>13.0f}{v['core_s_sim']:>8.0f}{v['core_s_ratio']:>7.2f}")
     png = plot_timelines(runs, out / "timelines.png",
                          title=f"live: {args.window} window, peak {peak} req/s, SLO {args.slo_ms:.0f} ms, 4G budgets")
-    figures = {n: s.as_dict() for n, s in summaries.items()}
+    figures = {n: {**s.as_dict(), **server_counts.get(n, {})} for n, s in summaries.items()}
+    if any(server_counts.values()):
+        print("\nper-batch CPU (live server's /metrics): "
+              + "; ".join(f"{n}: {c['per_batch_resizes']:.0f} resizes, {c['batches']:.0f} batches, "
+                          f"{c['straddled_batches']:.0f} straddled" for n, c in server_counts.items() if c))
     ref = summaries.get("static-max")
     if ref is not None:
         for n, s in summaries.items():

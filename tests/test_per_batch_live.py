@@ -18,7 +18,7 @@ from sponge.policy.learning import LearningPolicy
 from sponge.policy.registry import make_policy
 from sponge.policy.types import BatchCpu, Decision, Observation, QueueView
 from sponge.protocol.v2 import TensorSpec
-from sponge.runtime.replica import BatchResult
+from sponge.runtime.replica import BatchResult, ReplicaDied
 from sponge.scheduling.batcher import ExpiryPolicy
 from sponge.server.core import DeadlineExpired, ServingCore
 from sponge.server.live import LiveApplier
@@ -48,6 +48,7 @@ class GateReplica:
         self.restarts = 0
         self.ready = True
         self.busy = False
+        self.killed = False
         self.calls: list[int] = []  # images per batch, in order
         self.gate = asyncio.Semaphore(0)
 
@@ -62,16 +63,22 @@ class GateReplica:
             await self.gate.acquire()
         finally:
             self.busy = False
+        if self.killed:
+            self.killed = False
+            raise ReplicaDied("replica r0 died")
         return BatchResult({"y": np.asarray(x) * 2}, 5.0, self.threads)
 
     def release(self) -> None:
         self.gate.release()
 
     def kill(self) -> None:
-        pass
+        self.killed = True
+        self.ready = False
+        self.gate.release()  # the batch (or probe) in flight fails
 
     async def restart(self) -> None:
-        pass
+        self.restarts += 1
+        self.ready = True
 
     async def stop(self) -> None:
         self.ready = False
@@ -127,9 +134,10 @@ class Clock:
 
 
 def build(policy_fn, cpu_m: int = 1000, min_cpu_m: int = 100, max_cpu_m: int = 2000, max_batch: int = 8,
-          batch: int = 1, clock=None, admission: bool = True):
+          batch: int = 1, clock=None, admission: bool = True, **kw):
     replica = GateReplica()
-    kw = {"clock": clock} if clock is not None else {}
+    if clock is not None:
+        kw["clock"] = clock
     core = ServingCore("m", [replica], batch, 64, ExpiryPolicy.REJECT, 0.0, Metrics(), cpu_m,  # type: ignore[list-item]
                        max_cpu_m=max_cpu_m, admission=admission, **kw)
     act = RecordingActuator(cpu_m, clock)
@@ -514,6 +522,30 @@ def test_an_undisturbed_probe_restores_then_the_sizer_decides() -> None:
         sample_ = await probe
         assert sample_ is not None and (sample_.images, sample_.cpu_m) == (1, 1000) and got == [sample_]
         assert core.cpu_m["r0"] == 100 and act.applied == [100, 1000, 100] and not core.probing
+
+    run(go())
+
+
+def test_a_hung_probe_is_a_hung_replica_killed_by_the_dispatch_loop() -> None:
+    async def go() -> None:
+        pol = Scripted(lambda v: BatchCpu(1000, 1))
+        core, replica, _, scaler, _ = build(pol.batch_cpu_m, replica_timeout_floor_ms=50.0)
+        prober = IdleProber(core, scaler, lambda levels, batches, limit: [(1, 1000)], lambda s: None,
+                            cpu_levels=[1000], batch_sizes=[1])
+        prober._batch = lambda r, b: {"x": np.ones((b, 4), np.float32)}  # type: ignore[method-assign]
+        core.start()
+        try:
+            probe = asyncio.ensure_future(prober.probe_once(replica, 1, 1000))  # type: ignore[arg-type]
+            await until(lambda: replica.calls == [1])
+            p = submit(core)  # waits for the probe, which never ends ...
+            assert await probe is None and prober.stats.failed == 1  # ... until the watchdog kills the replica
+            assert not core.probing
+            await until(lambda: replica.restarts == 1)
+            await until(lambda: len(replica.calls) == 2)  # restarted, then the request is served
+            replica.release()
+            await p.future
+        finally:
+            await core.close()
 
     run(go())
 

@@ -243,12 +243,14 @@ class ServingCore:
         self.probing.add(name)
         self.running[name] = RunningWork(images, math.inf, cpu_m, now, probe=True)
         self._busy_until[name] = now + self.latency_ms(images, cpu_m)
+        self._overdue_at[name] = now + self.watchdog_ms(images, cpu_m)  # a hung probe is a hung replica
         self.version += 1
 
     def probe_ended(self, name: str) -> None:
         """The probe is over (its allocation restored, or handed to the sizer): size for what is queued and
         let the dispatch loop serve it."""
         self.probing.discard(name)
+        self._overdue_at.pop(name, None)
         work = self.running.get(name)
         if work is not None and work.probe:
             del self.running[name]
@@ -393,6 +395,13 @@ class ServingCore:
             await self._restart(replica)
             return
         if replica.name in self.probing:  # an idle probe holds it: served right after (probe_ended wakes us)
+            overdue = self._overdue_at.get(replica.name, math.inf)
+            if self.clock() > overdue:  # the probe hangs, so does the replica: as for a batch, kill it (the
+                # probe fails and ends; this loop then restarts the replica)
+                log.error("replica %s (pid %s) did not finish an idle probe in time: killing it", replica.name,
+                          replica.pid)
+                self._overdue_at.pop(replica.name, None)
+                replica.kill()
             self._wakeup.clear()
             try:
                 await asyncio.wait_for(self._wakeup.wait(), 0.05)
