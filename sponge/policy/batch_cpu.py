@@ -40,7 +40,10 @@ class BatchCpuSizer:
     """Least grid CPU meeting the present work's deadlines (see the module docstring)."""
 
     def __init__(self, model: LatencyModel, grid_m: Sequence[int] | np.ndarray, max_batch: int,
-                 max_queued: int = DEFAULT_MAX_QUEUED, keep_up: bool = True) -> None:
+                 max_queued: int = DEFAULT_MAX_QUEUED, keep_up: bool = True, search_caps: str = "none") -> None:
+        if search_caps not in ("none", "larger", "all"):
+            raise ValueError("search_caps must be none, larger or all")
+        self.search_caps = search_caps
         self._rate = 0.0
         self.keep_up = keep_up
         self.grid = np.asarray(grid_m, dtype=np.int64)
@@ -110,6 +113,20 @@ class BatchCpuSizer:
             got = self._fewest_misses(args)
             return BatchCpu(got.cpu_m, max(got.batch, batch))  # never below the cap that keeps up
         first = self._least(self._feasible(batch, *args), lo)
+        if self.search_caps != "none" and first is not None and first > lo:
+            # Another cap may meet the same work at less CPU (a larger one keeps up at less, a smaller one
+            # finishes the head sooner): the least CPU wins, the cap in force among equals.
+            best = (first, batch)
+            start = 1 if self.search_caps == "all" else batch + 1
+            for cap in self._caps(start):
+                if cap == batch:
+                    continue
+                i = self._least(self._feasible(cap, *args), lo)
+                if i is not None and i < best[0]:
+                    best = (i, cap)
+            if best[0] < top:
+                return BatchCpu(int(grid[best[0]]), best[1])
+            first = best[0]
         if first is not None and (first < top or batch >= self.max_batch):
             return BatchCpu(int(grid[first]), batch)
         if first is None and batch >= self.max_batch:

@@ -64,9 +64,13 @@ class SpongeConfig:
     plan_backlog: bool = True  # the interval plan includes the queue (per-batch sizing handles it too)
     # with per_batch: the rarer burst (reserve_eps) the sizer must still be able to absorb; if its plan
     # needs more than reserve_fraction of max CPU there is no room above the base to absorb it, so the
-    # base takes that plan
-    reserve_eps: float | None = None
-    reserve_fraction: float = 0.75
+    # base takes that plan. `reserve` says when: never, always, or (default) where the server serves late
+    # requests anyway — there a burst beyond capacity is not shed but delays everything behind it (on
+    # the serve_late overload window it lifts attainment from 94.5 to 94.9 %, above static at 16 cores;
+    # with expiry reject it only costs: 1.17 vs 1.11 x the clairvoyant on the tuning seeds).
+    reserve: str = "serve_late"
+    reserve_eps: float = 0.005
+    reserve_fraction: float = 0.85
     # 3 least allocation
     batch_rule: str = "largest"
     blocking: float = 1.0
@@ -77,6 +81,7 @@ class SpongeConfig:
     # between decisions
     per_batch: bool = True
     keep_up: bool = True  # per-batch CPU also keeps up with the last second's arrivals while work is queued
+    search_caps: str = "larger"  # per-batch: also try other batch caps (none | larger | all) for less CPU
 
     def __post_init__(self) -> None:
         if isinstance(self.safety, str):
@@ -86,6 +91,12 @@ class SpongeConfig:
             raise ValueError("safety must be 'measured' or a number in (0, 1]")
         if self.down_window < 1:
             raise ValueError("down_window must be >= 1")
+        if self.reserve not in ("never", "serve_late", "always") or not 0 < self.reserve_fraction <= 1:
+            raise ValueError("reserve must be never, serve_late or always, reserve_fraction in (0, 1]")
+        if not 0 < self.arrival_eps < 1 or not 0 < self.reserve_eps < 1:
+            raise ValueError("arrival_eps and reserve_eps must be in (0, 1)")
+        if self.search_caps not in ("none", "larger", "all"):
+            raise ValueError("search_caps must be none, larger or all")
 
 
 @dataclass(frozen=True)
@@ -140,9 +151,10 @@ class SpongeOptimizer:
                                           batch_rule=cfg.batch_rule, infeasible=cfg.infeasible)
         self.demand = DeadlineDemand(self.allocation.floor_ms, arrival_eps=cfg.arrival_eps)
         self.reserve = (DeadlineDemand(self.allocation.floor_ms, arrival_eps=cfg.reserve_eps)
-                        if cfg.per_batch and cfg.reserve_eps is not None and cfg.reserve_eps < cfg.arrival_eps
+                        if cfg.per_batch and cfg.reserve != "never" and cfg.reserve_eps < cfg.arrival_eps
                         else None)
-        self.sizer = (BatchCpuSizer(model, self.allocation.grid, cfg.max_batch, keep_up=cfg.keep_up)
+        self.sizer = (BatchCpuSizer(model, self.allocation.grid, cfg.max_batch, keep_up=cfg.keep_up,
+                                    search_caps=cfg.search_caps)
                       if cfg.per_batch else None)
         self.state = SpongeState()
 
@@ -179,7 +191,7 @@ class SpongeOptimizer:
         backlog = obs.queue_remaining_ms if cfg.plan_backlog else ()
         p = self.plan(obs.budgets_ms, backlog, forecast, obs.interval_ms, safety, obs.serves_late)
         reserve_note = ""
-        if self.reserve is not None:
+        if self.reserve is not None and (cfg.reserve == "always" or obs.serves_late):
             w = self.reserve.workload(obs.budgets_ms, backlog, forecast, obs.interval_ms, safety, obs.serves_late)
             pr = self.allocation.plan(w, obs.serves_late)
             if pr.cpu_m > p.cpu_m and (not pr.feasible or pr.cpu_m > cfg.reserve_fraction * cfg.max_cpu_m):
