@@ -224,6 +224,20 @@ def test_no_resize_and_no_call_when_nothing_changed() -> None:
     run(go())
 
 
+def test_a_policy_that_keeps_the_interval_decision_is_asked_again_only_at_the_next_decision() -> None:
+    async def go() -> None:
+        pol = Scripted(lambda v: None)  # e.g. LearningPolicy before its model is ready
+        core, _, act, _, sizer = build(pol.batch_cpu_m)
+        assert sizer.decided(Decision(1000, 1)) is False and len(pol.views) == 1
+        p = submit(core)
+        assert len(pol.views) == 1 and not core.sizes_per_batch and act.applied == []
+        sizer.decided(Decision(1000, 1))
+        assert len(pol.views) == 2
+        p.future.cancel()
+
+    run(go())
+
+
 def test_applies_the_cpu_through_the_scaler_and_counts_it() -> None:
     async def go() -> None:
         answers = iter([BatchCpu(1500, 3), BatchCpu(400, 1)])

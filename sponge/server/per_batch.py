@@ -15,7 +15,9 @@ Differences from the simulator, each for the live server's sake:
     the learned model lives on samples: lowering mid-batch would save a fraction of one batch's CPU and
     lose most samples at light load (the pre-batch sizing already accounts for the resize delay, so the
     sizing right after the start usually finds a little less is enough);
-  * nothing is asked when nothing changed since the last call (queue, running work, decision, allocation);
+  * nothing is asked when nothing changed since the last call (queue, running work, decision, allocation),
+    while a batch runs at the largest allocation, or while the policy keeps the interval decision (it
+    answered None: asked again at the next decision);
   * while an idle probe (`IdleProber`) holds the replica and nothing is queued, the probe owns the
     allocation; a request arriving mid-probe is sized with the probe as the running batch, and the probe
     then leaves the allocation to the sizer instead of restoring its own.
@@ -56,6 +58,9 @@ class PerBatchSizer:
         self.delay_ms = delay_ms
         self.name = core.replicas[0].name
         self._key: tuple | None = None
+        # the policy answered None: it keeps the interval decision, and only a decision changes that (it is
+        # asked again at the next one, `decided`), so events do not ask it meanwhile
+        self._declined = False
         self._decisions = 0
         self.moved = False  # the allocation is one this sizer set (the decision's must come back without it)
         self.deferred = False  # the applier left a new decision's CPU to this sizer (see `decided`)
@@ -97,6 +102,8 @@ class PerBatchSizer:
             return core.sizes_per_batch
         if name in core.probing and not core.queue:
             return core.sizes_per_batch  # an idle probe holds the allocation: sized again when it ends
+        if not force and self._declined:
+            return False  # the policy keeps the interval decision until its next decision (a forced call)
         key = (core.version, self._decisions, core.cpu_m[name], core.batcher.batch_size)
         if not force and (key == self._key or self._pinned_at_top(name)):
             self.skipped += 1
@@ -104,6 +111,7 @@ class PerBatchSizer:
         t0 = time.perf_counter()
         self.calls += 1
         got = self.batch_cpu_m(self._view(now))
+        self._declined = got is None
         if got is None:
             self._key = key
             if core.sizes_per_batch:
