@@ -3,7 +3,7 @@
 The controller's interval decision provisions for the load it expects (`SpongeOptimizer`); between two
 decisions, requests arrive and batches start. An in-place resize takes effect within one 10 ms CFS period
 on a local cgroup (`bench/resize.py`: in effect p99 5 ms, threads follow p99 13 ms), so the allocation can
-follow the queue itself: at every arrival and batch start the server asks `BatchCpuSizer.size` for the
+follow the queue itself: at every arrival, batch start and batch end the server asks `BatchCpuSizer.size` for the
 least CPU on the grid, never below the interval decision (`floor_cpu_m`), under which
 
   * the running batch (if any) still finishes by its tightest saveable deadline, and
@@ -15,10 +15,17 @@ allocation in force) and latencies are the model's divided by `safety` (its meas
 running and nothing queued it answers `idle_cpu_m`: an idle replica needs no CPU, and the next arrival
 raises it again within `delay_ms` (that cost is in the arithmetic above).
 
+Two more conditions keep just-in-time sizing from deferring work it will need later: while work is
+queued, the batches must keep up with the last second's arrivals (`recent_rate_rps`: a queue served just
+in time falls behind in overload), and besides the batch cap in force it tries larger caps on a doubling
+ladder, taking the one that needs the least CPU (a larger batch keeps up at less).
+
 Requests that no allocation can save (deadline sooner than one batch of their own at full CPU) impose no
-constraint; with `serves_late` they are still served, so their work stays in the plan; otherwise the
-batcher answers them at once and they take no time. If even the largest allocation misses a saveable
-deadline, it answers the largest allocation (the most that can be done).
+constraint; the batcher answers them at once and they take no time. Where the server serves late
+requests anyway (`serves_late`), such a request in the queue means overload: the answer is the top
+allocation, with the cap that loses the fewest of the others. If even the top allocation misses a
+saveable deadline, the answer is the top allocation and the cap that misses the fewest saveable requests
+there (a larger batch is not always better: it also takes longer).
 
 Only the first `max_queued` queued requests are checked (later ones are the interval decision's
 business: a queue that long is already served at a high allocation).
@@ -26,7 +33,7 @@ business: a queue that long is already served at a high allocation).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -160,17 +167,9 @@ class BatchCpuSizer:
         top = self.grid.size - 1
         lat = self.lat[:, top] * inv
         t = float(free[top])
-        n, i, missed = len(img), 0, 0
+        missed = 0
         first = starts_now
-        while i < n:
-            j, images = i + 1, img[i]
-            while j < n and images + img[j] <= cap:
-                images += img[j]
-                j += 1
-            keep = saveable[i:j]
-            if not keep.any() and not serves_late:
-                i = j
-                continue
+        for i, j, images, keep in self._batches(img, cap, saveable, serves_late):
             l_top = float(lat[images]) if images <= self.max_batch else float(self._row(images)[top]) * inv
             if first:
                 l_old = float(self._row(images)[c0]) * inv
@@ -179,8 +178,24 @@ class BatchCpuSizer:
             else:
                 t += l_top
             missed += int(np.count_nonzero(rem[i:j][keep] < t))
-            i = j
         return missed
+
+    @staticmethod
+    def _batches(img: list[int], cap: int, saveable: np.ndarray,
+                 serves_late: bool) -> Iterator[tuple[int, int, int, np.ndarray]]:
+        """The greedy EDF batches the batcher forms from the queue: (first, end, images, saveable mask) of
+        each, at most `cap` images, never splitting a request. Batches of requests beyond saving are
+        skipped unless the server serves late (the batcher answers them at once: no work)."""
+        n, i = len(img), 0
+        while i < n:
+            j, images = i + 1, img[i]
+            while j < n and images + img[j] <= cap:
+                images += img[j]
+                j += 1
+            keep = saveable[i:j]
+            if keep.any() or serves_late:
+                yield i, j, images, keep
+            i = j
 
     def _caps(self, lo: int) -> list[int]:
         """Caps from `lo` to max_batch on a doubling ladder (lo, lo+1, lo+2, lo+4, ...; max_batch always):
@@ -208,16 +223,7 @@ class BatchCpuSizer:
         if self._rate > 0:  # a queue served just in time falls behind arrivals faster than a batch
             ok &= 1000.0 * cap / (self._row(cap) * inv) >= self._rate
         finish = free
-        n, i = len(img), 0
-        while i < n:
-            j, images = i + 1, img[i]
-            while j < n and images + img[j] <= cap:
-                images += img[j]
-                j += 1
-            keep = saveable[i:j]
-            if not keep.any() and not serves_late:
-                i = j  # the batcher answers these at once: no work, no constraint
-                continue
+        for i, j, images, keep in self._batches(img, cap, saveable, serves_late):
             row = self._row(images) * inv
             if starts_now:
                 finish = self._switch(row[c0], row / row[c0], delay_ms)
@@ -226,7 +232,6 @@ class BatchCpuSizer:
                 finish = finish + row
             if keep.any():
                 ok &= finish <= float(rem[i:j][keep].min())
-            i = j
         return ok
 
     @staticmethod
