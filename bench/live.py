@@ -72,8 +72,13 @@ def per_batch_counts(url: str) -> dict[str, float]:
     def total(name: str) -> float:
         return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
+    calls = total("sponge_batch_sizing_seconds_count")
+    fast = sum(float(v) for v in re.findall(r'^sponge_batch_sizing_seconds_bucket{le="0.0005",[^}]*} (\S+)$', text,
+                                            re.M))
     return {"per_batch_resizes": total("sponge_batch_resizes_total"), "batches": total("sponge_batch_size_count"),
-            "straddled_batches": total("sponge_batches_straddled_total")}
+            "straddled_batches": total("sponge_batches_straddled_total"), "sizing_calls": calls,
+            "sizing_mean_ms": 1000.0 * total("sponge_batch_sizing_seconds_sum") / calls if calls else 0.0,
+            "sizing_over_0_5ms": 1.0 - fast / calls if calls else 0.0}
 
 
 def smallest_static(model, scenario: Scenario, peak_rps: float, max_cpu_m: int, max_batch: int) -> tuple[int, int]:
@@ -189,7 +194,9 @@ def main() -> int:
     if any(server_counts.values()):
         print("\nper-batch CPU (live server's /metrics): "
               + "; ".join(f"{n}: {c['per_batch_resizes']:.0f} resizes, {c['batches']:.0f} batches, "
-                          f"{c['straddled_batches']:.0f} straddled" for n, c in server_counts.items() if c))
+                          f"{c['straddled_batches']:.0f} straddled, {c['sizing_calls']:.0f} sizing calls of "
+                          f"{c['sizing_mean_ms']:.2f} ms mean ({c['sizing_over_0_5ms']:.1%} > 0.5 ms)"
+                          for n, c in server_counts.items() if c))
     ref = summaries.get("static-max")
     if ref is not None:
         for n, s in summaries.items():
