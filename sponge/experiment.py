@@ -213,7 +213,8 @@ def run_window(
     dirs = {}
     for name, r in results.items():
         r.meta.update({"model": model_desc, "window": window, "scenario": scenario.describe(),
-                       "oracle": rows[name]["oracle_core_seconds"]})
+                       "oracle": rows[name]["oracle_core_seconds"] if rows[name]["oracle"] != "infeasible"
+                       else "infeasible"})
         dirs[name] = str(r.write(wdir / name).relative_to(out))
     png = None
     if plot:
@@ -224,9 +225,10 @@ def run_window(
                              title=f"{window}: {trace.description} — {model_desc}, {dep.vertical.describe()}")
         png = str(png.relative_to(out))
     progress.step(f"{window}: written")
-    v_oracle = oracles[dep.vertical.describe()].core_seconds
+    v_oracle = oracles[dep.vertical.describe()]
     for name, row in rows.items():
-        row["ratio_to_vertical_oracle"] = results[name].core_seconds / v_oracle if v_oracle > 0 else None
+        row["ratio_to_vertical_oracle"] = v_oracle.ratio(results[name].core_seconds)
+        row["vertical_oracle"] = "bound" if v_oracle.feasible else "infeasible"
     return {
         "window": window,
         "scenario": scenario.describe(),
@@ -248,7 +250,8 @@ TARGETS = (
     ("attainment >= 99.9 %", lambda s, w: s["attainment"] >= 0.999),
     ("core-s <= 0.6 x static at peak", lambda s, w: _ratio(s, w, "static") <= 0.6),
     ("core-s <= 0.85 x paper", lambda s, w: _ratio(s, w, "paper") <= 0.85),
-    ("core-s <= 1.15 x oracle bound", lambda s, w: (s.get("ratio_to_oracle") or math.inf) <= 1.15),
+    ("core-s <= 1.15 x oracle bound", lambda s, w: None if s.get("oracle") == "infeasible"
+     else (s.get("ratio_to_oracle") or math.inf) <= 1.15),
     ("misses <= 0.1 x HPA and FA2 at no more core-s",
      lambda s, w: all(_miss_ok(s, w, b) for b in ("hpa", "fa2") if b in w["runs"])),
 )
@@ -262,6 +265,13 @@ def _ratio(s: dict[str, Any], w: dict[str, Any], other: str) -> float:
 def _miss_ok(s: dict[str, Any], w: dict[str, Any], other: str) -> bool:
     o = w["runs"][other]
     return s["misses"] <= 0.1 * o["misses"] and s["core_seconds_exact"] <= o["core_seconds_exact"]
+
+
+def _oracle_cell(s: dict[str, Any], ratio_key: str, kind_key: str) -> str:
+    """A ratio to an oracle bound, or 'infeasible' where the space cannot meet every saveable budget."""
+    if s.get(kind_key) == "infeasible":
+        return "infeasible"
+    return _fmt(s.get(ratio_key), "{:.2f}")
 
 
 def _fmt(v: Any, fmt: str) -> str:
@@ -303,17 +313,20 @@ def summary_markdown(result: dict[str, Any]) -> str:
                 f"| {w['window']} | {name} | {_fmt(s['attainment'], '{:.3%}')} | "
                 f"{_fmt(s.get('attainment_saveable'), '{:.3%}')} | {s.get('unsaveable', '-')} | {s['misses']} | "
                 f"{_fmt(s['p99_server_over_budget'], '{:.3f}')} | {s['core_seconds_exact']:.0f} | "
-                f"{_fmt(s['ratio_to_oracle'], '{:.2f}')} | {_fmt(s.get('ratio_to_vertical_oracle'), '{:.2f}')} | "
+                f"{_oracle_cell(s, 'ratio_to_oracle', 'oracle')} | "
+                f"{_oracle_cell(s, 'ratio_to_vertical_oracle', 'vertical_oracle')} | "
                 f"{_fmt(_ratio(s, w, 'clairvoyant'), '{:.2f}')} | "
                 f"{_fmt(_ratio(s, w, 'static'), '{:.2f}')} | {_fmt(_ratio(s, w, 'paper'), '{:.2f}')} | "
                 f"{_fmt(s['mean_cpu_m'], '{:.0f}')} |")
     lines += ["", "Oracle bounds (core-s) per window and action space:", ""]
     for w in result["windows"]:
-        parts = [f"{k}: **{v['core_seconds']:.0f}**" for k, v in w["oracles"].items()]
+        parts = [f"{k}: **{v['core_seconds']:.0f}**" if v.get("feasible", True) else f"{k}: **infeasible**"
+                 for k, v in w["oracles"].items()]
         lines.append(f"- {w['window']} ({w['requests']} requests, mean {w['mean_rps']:.1f}, peak "
                      f"{w['peak_rps']:.1f} req/s; static at peak {w['static']['cpu_m']} m b={w['static']['batch']}): "
                      + "; ".join(parts))
         lines += [f"  - note: {n}" for n in w.get("notes", [])]
+        lines += [f"  - {v['infeasible']}" for v in w["oracles"].values() if v.get("infeasible")]
     if any("sponge" in w["runs"] for w in result["windows"]):
         lines += ["", "## Targets for `sponge`", "", "| window | " + " | ".join(t for t, _ in TARGETS) + " |",
                   "| --- |" + " :---: |" * len(TARGETS)]
@@ -324,7 +337,8 @@ def summary_markdown(result: dict[str, Any]) -> str:
             cells = []
             for _, test in TARGETS:
                 try:
-                    cells.append("yes" if test(s, w) else "**no**")
+                    ok = test(s, w)
+                    cells.append("infeasible" if ok is None else "yes" if ok else "**no**")
                 except (KeyError, TypeError):
                     cells.append("-")
             lines.append(f"| {w['window']} | " + " | ".join(cells) + " |")
@@ -468,7 +482,8 @@ def _main(args: argparse.Namespace) -> int:
     compact = {w["window"]: {n: {"attainment": s["attainment"], "attainment_saveable": s.get("attainment_saveable"),
                                  "misses": s["misses"],
                                  "core_seconds": round(s["core_seconds_exact"], 1),
-                                 "ratio_to_oracle": s["ratio_to_oracle"]} for n, s in w["runs"].items()}
+                                 "ratio_to_oracle": s["ratio_to_oracle"], "oracle": s.get("oracle")}
+                             for n, s in w["runs"].items()}
                for w in res["windows"]}
     print(json.dumps({"out": str(args.out), "wall_s": res["wall_s"], "scale": res["scale"], "windows": compact},
                      separators=(",", ":")))

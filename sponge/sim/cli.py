@@ -87,7 +87,10 @@ def summary_rows(results: dict[str, SimResult], oracles: dict[str, OracleBound],
         s.update({
             "core_seconds_exact": r.core_seconds,
             "oracle_space": space,
-            "oracle_core_seconds": ob.core_seconds if ob else None,
+            # an infeasible space has no bound: None, and "oracle" says infeasible with where (the reason)
+            "oracle": None if ob is None else ("bound" if ob.feasible else "infeasible"),
+            "oracle_infeasible": ob.infeasible if ob is not None and not ob.feasible else None,
+            "oracle_core_seconds": ob.core_seconds if ob is not None and ob.feasible else None,
             "ratio_to_oracle": ob.ratio(r.core_seconds) if ob else None,
             "sim_wall_s": r.wall_s,
             "sim_requests_per_s": r.requests_per_wall_s,
@@ -101,12 +104,17 @@ def print_table(results: dict[str, SimResult], rows: dict[str, Any]) -> str:
     from sponge.report.summary import format_table, summarize
 
     table = format_table({n: summarize(r.records(), r.timeline, r.saveable_floor_ms) for n, r in results.items()})
-    lines = [table, "", f"{'policy':<11}  {'core-s':>9}  {'bound':>9}  {'ratio':>6}  action space of the bound"]
+    lines = [table, "", f"{'policy':<11}  {'core-s':>9}  {'bound':>10}  {'ratio':>10}  action space of the bound"]
     for n in results:
         r = rows[n]
-        bound = "-" if r["oracle_core_seconds"] is None else f"{r['oracle_core_seconds']:.1f}"
-        ratio = "-" if r["ratio_to_oracle"] is None else f"{r['ratio_to_oracle']:.2f}x"
-        lines.append(f"{n:<11}  {r['core_seconds_exact']:>9.1f}  {bound:>9}  {ratio:>6}  {r['oracle_space']}")
+        if r.get("oracle") == "infeasible":
+            bound = ratio = "infeasible"
+        else:
+            bound = "-" if r["oracle_core_seconds"] is None else f"{r['oracle_core_seconds']:.1f}"
+            ratio = "-" if r["ratio_to_oracle"] is None else f"{r['ratio_to_oracle']:.2f}x"
+        lines.append(f"{n:<11}  {r['core_seconds_exact']:>9.1f}  {bound:>10}  {ratio:>10}  {r['oracle_space']}")
+    reasons = dict.fromkeys(r["oracle_infeasible"] for r in rows.values() if r.get("oracle_infeasible"))
+    lines += [f"  {why}" for why in reasons]
     return "\n".join(lines)
 
 
@@ -156,7 +164,8 @@ def _main(args: argparse.Namespace) -> int:
     dirs = {}
     for name, r in results.items():
         r.meta.update({"model": model_desc, "scenario": scenario.describe(),
-                       "oracle": rows[name]["oracle_core_seconds"]})
+                       "oracle": rows[name]["oracle_core_seconds"] if rows[name]["oracle"] != "infeasible"
+                       else "infeasible"})
         dirs[name] = str(r.write(out / name))
     print(print_table(results, rows))
     print(f"\nwrote {', '.join(dirs.values())}  (sponge report {' '.join(dirs.values())})")

@@ -62,20 +62,39 @@ class ActionSpace:
     max_batch: int
     min_replicas: int = 1
     max_replicas: int = 1
+    # replicas are packed on `nodes` nodes of `node_cpu_m` each (None: no node limit): r replicas of c
+    # millicores fit iff ceil(r / floor(node_cpu_m / c)) <= nodes, so c <= node_cpu_m // ceil(r / nodes)
+    nodes: int | None = None
+    node_cpu_m: int | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_cpu_m <= self.max_cpu_m or self.max_batch < 1:
             raise ValueError("need 1 <= min_cpu_m <= max_cpu_m and max_batch >= 1")
         if not 1 <= self.min_replicas <= self.max_replicas:
             raise ValueError("need 1 <= min_replicas <= max_replicas")
+        if (self.nodes is not None and self.nodes < 1) or (self.node_cpu_m is not None and self.node_cpu_m < 1):
+            raise ValueError("need nodes >= 1 and node_cpu_m >= 1 when given")
+        if self.node_cpu_m is not None and self.node_cpu_m < self.min_cpu_m:
+            raise ValueError(f"a node of {self.node_cpu_m} m cannot hold a replica of min_cpu_m {self.min_cpu_m}")
 
     @property
     def floor_m(self) -> int:
         return self.min_replicas * self.min_cpu_m
 
+    def max_cpu_for(self, replicas: int) -> int:
+        """The most CPU per replica with `replicas` replicas packed on the nodes (0: they do not fit)."""
+        top = self.max_cpu_m if self.node_cpu_m is None else min(self.max_cpu_m, self.node_cpu_m)
+        if self.nodes is None or self.node_cpu_m is None:
+            return top
+        per_node = -(-replicas // self.nodes)
+        return min(top, self.node_cpu_m // per_node)
+
     def describe(self) -> str:
         reps = "1 replica" if self.max_replicas == 1 else f"{self.min_replicas}-{self.max_replicas} replicas"
-        return f"{reps} x {self.min_cpu_m}-{self.max_cpu_m} m, batch <= {self.max_batch}"
+        nodes = ""
+        if self.node_cpu_m is not None:
+            nodes = f", {'unlimited' if self.nodes is None else self.nodes} nodes of {self.node_cpu_m} m"
+        return f"{reps} x {self.min_cpu_m}-{self.max_cpu_m} m, batch <= {self.max_batch}{nodes}"
 
 
 @dataclass(frozen=True)
@@ -138,10 +157,16 @@ def single_replica_rates(model: LatencyModel, space: ActionSpace, max_budget_ms:
 def cost_envelope(model: LatencyModel, space: ActionSpace, max_budget_ms: float) -> CostEnvelope:
     """The lower convex envelope P of (total rate, total CPU) over the action space (step 1)."""
     c, h = single_replica_rates(model, space, max_budget_ms)
-    ok = h > 0
-    hx, hy = _lower_hull(np.append(h[ok], 0.0), np.append(c[ok], float(space.min_cpu_m)))
+    hulls: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     xs, ys = [np.array([0.0])], [np.array([float(space.floor_m)])]
     for r in range(space.min_replicas, space.max_replicas + 1):  # hull of the union = hull of scaled hulls
+        cap = space.max_cpu_for(r)  # with nodes, more replicas leave less CPU each
+        if cap < space.min_cpu_m:
+            break  # r replicas do not fit on the nodes (nor do more)
+        if cap not in hulls:
+            ok = (h > 0) & (c <= cap)
+            hulls[cap] = _lower_hull(np.append(h[ok], 0.0), np.append(c[ok], float(space.min_cpu_m)))
+        hx, hy = hulls[cap]
         xs.append(r * hx)
         ys.append(r * hy)
     rx, ry = _lower_hull(np.concatenate(xs), np.concatenate(ys))
@@ -229,14 +254,27 @@ class OracleBound:
     status: str
     kind: str = "lower bound"
     notes: dict[str, Any] = field(default_factory=dict)
+    # False: no schedule in the space meets every saveable budget (`fluid_infeasibility`), so there is no
+    # bound to give (core_seconds is NaN); `infeasible` says where the load exceeds the space's top rate
+    feasible: bool = True
+    infeasible: str = ""
 
-    def ratio(self, core_seconds: float) -> float:
+    def ratio(self, core_seconds: float) -> float | None:
+        """core_seconds / the bound; None when the space cannot meet every saveable budget."""
+        if not self.feasible:
+            return None
         return core_seconds / self.core_seconds if self.core_seconds > 0 else math.inf
+
+    def label(self, fmt: str = "{:.1f}") -> str:
+        """The bound for a table: the figure, or 'infeasible'."""
+        return fmt.format(self.core_seconds) if self.feasible else "infeasible"
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
-            "core_seconds": self.core_seconds,
+            "feasible": self.feasible,
+            "infeasible": self.infeasible or None,
+            "core_seconds": self.core_seconds if self.feasible else None,
             "horizon_ms": self.horizon_ms,
             "space": self.space.describe(),
             "slot_ms": self.slot_ms,
@@ -263,7 +301,8 @@ def _slots(requests: RequestSet, model: LatencyModel, space: ActionSpace, slot_m
     """
     send = requests.send_ms
     dl = send + requests.budget_ms
-    saveable = requests.budget_ms >= float(model.latency_ms(1, space.max_cpu_m))
+    top = space.max_cpu_for(1)  # a replica never exceeds its node
+    saveable = requests.budget_ms >= float(model.latency_ms(1, top))
     n_slots = max(int(float(requests.duration_ms) // slot_ms), 1)
     horizon = n_slots * slot_ms
     inside = saveable & (dl < horizon)
@@ -271,7 +310,7 @@ def _slots(requests: RequestSet, model: LatencyModel, space: ActionSpace, slot_m
     a_slot = (s_send // slot_ms).astype(np.int64)
     d_slot = (s_dl // slot_ms).astype(np.int64)
     x_max = float(requests.budget_ms[saveable].max()) if saveable.any() else 0.0
-    env = cost_envelope(model, space, max(x_max, float(model.latency_ms(1, space.max_cpu_m))))
+    env = cost_envelope(model, space, max(x_max, float(model.latency_ms(1, top))))
     excluded = int((~saveable).sum())
     return a_slot, d_slot, n_slots, horizon, excluded, env, int(saveable.sum() - inside.sum())
 
@@ -293,6 +332,11 @@ def lp_bound(
     if a_slot.size == 0:
         return OracleBound(floor_cs, horizon, space, slot_ms, 0, excluded, 0, 0, env.max_rate * 1000, 0,
                            floor_cs, time.perf_counter() - t0, "no requests", "lower bound (LP)")
+    bad = fluid_infeasibility(a_slot, d_slot, n_slots, slot_ms, env.max_rate)
+    if bad is not None:
+        return OracleBound(math.nan, horizon, space, slot_ms, int(a_slot.size), excluded, 0, int(slopes.size),
+                           env.max_rate * 1000, bad.slots, floor_cs, time.perf_counter() - t0, "infeasible",
+                           "lower bound (LP)", feasible=False, infeasible=bad.describe(space))
     dcum, acum, max_span = _window_counts(a_slot, d_slot, n_slots)
     full_len = max(int(math.ceil(full_windows_s * 1000.0 / slot_ms)), max_span + 1)
     wa, wb = _window_family(n_slots, full_len)
@@ -334,6 +378,80 @@ def lp_bound(
     return OracleBound(value, horizon, space, slot_ms, int(a_slot.size), excluded, int(m), int(slopes.size),
                        env.max_rate * 1000.0, overloaded, floor_cs, time.perf_counter() - t0, str(res.message),
                        "lower bound (LP)")
+
+
+# ---- feasibility: is there any schedule to bound? -------------------------------------------------------
+@dataclass(frozen=True)
+class Infeasibility:
+    """Where the fluid relaxation cannot meet every kept request: the seconds whose deadlines are missed
+    even at the action space's top service rate, and how much work misses them."""
+
+    missed_requests: float  # fluid: requests' worth of service not done by their deadlines
+    slots: int  # slots at whose end work due is left undone
+    spans_s: list[tuple[int, int]]  # [first, last] seconds holding missed deadlines
+    max_rate_per_s: float
+    peak_arrival_rps: float  # busiest second of arrivals (kept requests) in those spans
+
+    def describe(self, space: ActionSpace) -> str:
+        secs = sum(b - a + 1 for a, b in self.spans_s)
+        shown = ", ".join(f"{a}-{b} s" if b > a else f"{a} s" for a, b in self.spans_s[:6])
+        more = f" and {len(self.spans_s) - 6} more spans" if len(self.spans_s) > 6 else ""
+        return (f"infeasible: {space.describe()} serves at most {self.max_rate_per_s:.1f} req/s; arrivals "
+                f"(up to {self.peak_arrival_rps:.0f} req/s) exceed it so that ~{self.missed_requests:.0f} saveable "
+                f"requests miss their deadlines in {secs} s ({shown}{more}) whatever the policy")
+
+
+def fluid_infeasibility(a_slot: np.ndarray, d_slot: np.ndarray, n_slots: int, slot_ms: float,
+                        max_rate_per_ms: float) -> Infeasibility | None:
+    """None if every kept request can be served inside its slots at the space's top rate; else where not.
+
+    Preemptive EDF at a constant rate is optimal for one fluid server (the relaxation of steps 1-2 with
+    the slot rounding of step 3, which only widens windows): it misses a deadline iff some window of
+    slots must serve more than top rate x its length. The dual is then unbounded (L-BFGS would report
+    whatever finite value it stopped at, up to ~1e37), so there is no bound: no policy in the space meets
+    every saveable budget."""
+    import heapq
+
+    cap = max_rate_per_ms * slot_ms * (1 + 1e-9)
+    order = np.argsort(a_slot, kind="stable")
+    a_sorted, d_sorted = a_slot[order].tolist(), d_slot[order].tolist()
+    left: dict[int, float] = {}  # deadline slot -> work left (requests)
+    heap: list[int] = []
+    missed_at: dict[int, float] = {}
+    j, n = 0, len(a_sorted)
+    for s in range(n_slots):
+        while j < n and a_sorted[j] == s:
+            d = d_sorted[j]
+            if d not in left:
+                left[d] = 0.0
+                heapq.heappush(heap, d)
+            left[d] += 1.0
+            j += 1
+        budget = cap
+        while heap and budget > 0:
+            d = heap[0]
+            take = min(budget, left[d])
+            left[d] -= take
+            budget -= take
+            if left[d] <= 1e-12:
+                heapq.heappop(heap)
+                del left[d]
+        if heap and heap[0] == s:  # due now, not done
+            missed_at[s] = left.pop(s)
+            heapq.heappop(heap)
+    if not missed_at:
+        return None
+    per_s = 1000.0 / slot_ms
+    seconds = sorted({int(s // per_s) for s in missed_at})
+    spans: list[tuple[int, int]] = []
+    for sec in seconds:
+        if spans and sec <= spans[-1][1] + 1:
+            spans[-1] = (spans[-1][0], sec)
+        else:
+            spans.append((sec, sec))
+    arr_s = np.bincount((a_slot // per_s).astype(np.int64), minlength=int(n_slots // per_s) + 1)
+    peak = max(float(arr_s[max(a - 5, 0): b + 1].max()) for a, b in spans)  # arrivals drive the overload
+    return Infeasibility(float(sum(missed_at.values())), len(missed_at), spans, max_rate_per_ms * 1000.0, peak)
 
 
 # ---- the dual bound (the default: fast, and valid for every price vector) ----------------------------
@@ -411,6 +529,14 @@ def oracle_bound(
         return OracleBound(floor_cs, horizon, space, slot_ms, 0, excluded, 0, int(env.rates.size),
                            env.max_rate * 1000, 0, floor_cs, time.perf_counter() - t0, "no requests",
                            "lower bound (dual)")
+    bad = fluid_infeasibility(a_slot, d_slot, n_slots, slot_ms, env.max_rate)
+    if bad is not None:
+        return OracleBound(math.nan, horizon, space, slot_ms, int(a_slot.size), excluded, 0, int(env.rates.size),
+                           env.max_rate * 1000, bad.slots, floor_cs,
+                           time.perf_counter() - t0, "infeasible", "lower bound (dual)",
+                           notes={"beyond_horizon": tail, "missed_requests": bad.missed_requests,
+                                  "infeasible_seconds": bad.spans_s},
+                           feasible=False, infeasible=bad.describe(space))
     dual = _Dual(a_slot, d_slot, n_slots, slot_ms, env)
     lam0 = dual.start(a_slot, max(1, int(round(3000.0 / slot_ms))))
     best_lam, best = lam0, dual.exact(lam0)
