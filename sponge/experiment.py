@@ -43,6 +43,35 @@ from sponge.workload.userfiles import file_label
 
 WINDOWS = ("bursty", "steady_low", "steady_high", "fluctuating")
 POLICIES = ("sponge", "paper", "static", "vpa", "hpa", "fa2", "joint", "clairvoyant")
+# The paper's own bursty window, unscaled: its load exceeds what one 16-core YOLOv5s replica serves (~30
+# req/s), so vertical scaling alone misses; these run the multi-replica policies on 16-core nodes.
+UNSCALED = {"bursty_d8_unscaled": ("bursty", 8.0), "bursty_d5_unscaled": ("bursty", 5.0)}
+UNSCALED_POLICIES = ("joint", "themis", "hpa", "fa2", "static", "sponge")  # those registered run
+UNSCALED_NODES = 4
+UNSCALED_NODE_CPU_M = 16_000
+UNSCALED_MAX_REPLICAS = 64  # 4 nodes hold 64 one-core hpa/fa2 replicas; joint is capped by the nodes
+ALL_WINDOWS = WINDOWS + tuple(UNSCALED)
+
+
+def default_policies() -> tuple[str, ...]:
+    """POLICIES plus `themis` once it is registered (sponge.policy.POLICY_NAMES)."""
+    from sponge.policy import POLICY_NAMES
+
+    return POLICIES + tuple(p for p in ("themis",) if p in POLICY_NAMES and p not in POLICIES)
+
+
+def unscaled_policies(policies: Sequence[str]) -> list[str]:
+    """The multi-replica policies of the unscaled windows: UNSCALED_POLICIES that are registered and asked for."""
+    from sponge.policy import POLICY_NAMES
+
+    return [p for p in UNSCALED_POLICIES if p in POLICY_NAMES and p in policies]
+
+
+def unscaled_deployment() -> Any:
+    """The unscaled windows' deployment: UNSCALED_NODES nodes of UNSCALED_NODE_CPU_M (sponge.sim.scenario)."""
+    from sponge.sim.scenario import Deployment
+
+    return Deployment(max_replicas=UNSCALED_MAX_REPLICAS, nodes=UNSCALED_NODES, node_cpu_m=UNSCALED_NODE_CPU_M)
 IMAGE_KIBS = (100, 200, 500)
 
 
@@ -160,9 +189,18 @@ def common_scale(windows: Sequence[str], damping: float | None, peak_rps: float)
 
 
 def window_scenarios(base: Scenario, windows: Sequence[str], peak_rps: float) -> dict[str, Scenario]:
-    """The experiment's workloads: `base` over each Twitter window, all scaled by `common_scale`."""
-    scale = common_scale(windows, base.damping, peak_rps)
-    return {w: replace(base, trace=f"twitter:{w}", scale=scale, peak_rps=None) for w in windows}
+    """The experiment's workloads: `base` over each Twitter window, all scaled by `common_scale`; the
+    UNSCALED windows at their own damping and scale 1."""
+    scaled = [w for w in windows if w not in UNSCALED]
+    scale = common_scale(scaled, base.damping, peak_rps) if scaled else 1.0
+    out = {}
+    for w in windows:
+        if w in UNSCALED:
+            name, damping = UNSCALED[w]
+            out[w] = replace(base, trace=f"twitter:{name}", damping=damping, scale=None, peak_rps=None)
+        else:
+            out[w] = replace(base, trace=f"twitter:{w}", scale=scale, peak_rps=None)
+    return out
 
 
 def trace_scenarios(base: Scenario, trace: str, peak_rps: float) -> dict[str, Scenario]:
@@ -183,19 +221,26 @@ def run_window(
     profile: str,
     progress: _Progress,
     plot: bool = True,
+    dep: Any = None,
 ) -> dict[str, Any]:
-    """Static-at-peak search, every policy, the oracle bounds, run directories and the timelines PNG."""
+    """Static-at-peak search, every policy, the oracle bounds, run directories and the timelines PNG.
+    `dep` (a sponge.sim.scenario.Deployment; default: one 16-core replica, no node model) with nodes also
+    sets the simulator's nodes, and static at peak may then take several replicas."""
     from sponge.sim.cli import summary_rows
     from sponge.sim.engine import SimConfig
     from sponge.sim.oracle import oracle_bound
-    from sponge.sim.scenario import Deployment, load_model, request_set, run_policies, static_at_peak
+    from sponge.sim.scenario import (Deployment, load_model, request_set, run_policies, static_at_peak,
+                                     static_at_peak_replicas)
 
     model, model_desc = load_model(profile)
     requests, trace = request_set(scenario)
-    dep = Deployment()
-    cfg = SimConfig(seed=scenario.seed)
-    static, static_att = static_at_peak(requests, model, dep, cfg)
-    progress.step(f"{window}: static at peak {static.cpu_m}m b={static.batch}")
+    dep = dep or Deployment()
+    cfg = SimConfig(seed=scenario.seed, **dep.sim_nodes())
+    if dep.nodes is not None:
+        static, static_att = static_at_peak_replicas(requests, model, dep, cfg, min(dep.max_replicas, 2 * dep.nodes))
+    else:
+        static, static_att = static_at_peak(requests, model, dep, cfg)
+    progress.step(f"{window}: static at peak {static.replicas}x{static.cpu_m}m b={static.batch}")
     results = {}
     for name in policies:
         results.update(run_policies(requests, model, [name], dep, cfg, static=static))
@@ -222,7 +267,7 @@ def run_window(
 
         runs = {n: (r.records(), r.timeline) for n, r in results.items()}
         png = plot_timelines(runs, wdir / "timelines.png",
-                             title=f"{window}: {trace.description} — {model_desc}, {dep.vertical.describe()}")
+                             title=f"{window}: {trace.description} — {model_desc}, {dep.describe()}")
         png = str(png.relative_to(out))
     progress.step(f"{window}: written")
     v_oracle = oracles[dep.vertical.describe()]
@@ -237,7 +282,10 @@ def run_window(
         "requests": len(requests),
         "mean_rps": trace.mean_rps,
         "peak_rps": trace.peak_rps,
-        "static": {"cpu_m": static.cpu_m, "batch": static.batch, "attainment": static_att},
+        "static": {"cpu_m": static.cpu_m, "batch": static.batch, "replicas": static.replicas,
+                   "attainment": static_att},
+        "deployment": dep.describe(),
+        "unscaled": window in UNSCALED,
         "oracles": {k: v.as_dict() for k, v in oracles.items()},
         "runs": rows,
         "dirs": dirs,
@@ -254,6 +302,23 @@ TARGETS = (
      else (s.get("ratio_to_oracle") or math.inf) <= 1.15),
     ("misses <= 0.1 x HPA and FA2 at no more core-s",
      lambda s, w: all(_miss_ok(s, w, b) for b in ("hpa", "fa2") if b in w["runs"])),
+)
+
+
+def _joint_cheapest(s: dict[str, Any], w: dict[str, Any]) -> bool | None:
+    """joint's core-s <= min(horizontal-only at no lower attainment, themis); None if neither ran."""
+    others = [w["runs"][b]["core_seconds_exact"] for b in ("hpa", "fa2") if b in w["runs"]
+              and (w["runs"][b]["attainment_saveable"] or 0) >= (s["attainment_saveable"] or 0)]
+    if "themis" in w["runs"]:
+        others.append(w["runs"]["themis"]["core_seconds_exact"])
+    return None if not others else s["core_seconds_exact"] <= min(others)
+
+
+JOINT_TARGETS = (
+    ("attainment of saveable >= 99.9 %", lambda s, w: (s.get("attainment_saveable") or 0) >= 0.999),
+    ("core-s <= min(hpa/fa2 at equal attainment, themis)", _joint_cheapest),
+    ("core-s <= 1.5 x oracle (joint space)", lambda s, w: None if s.get("oracle") != "bound"
+     else (s.get("ratio_to_oracle") or math.inf) <= 1.5),
 )
 
 
@@ -287,6 +352,13 @@ def summary_markdown(result: dict[str, Any]) -> str:
                f"req/s)" if result.get("trace") else
                f"Twitter 2021-08 windows at {damping}, all scaled by {result['scale']:.3f} "
                f"(busiest peak = {result['peak_rps']:g} req/s)")
+    unscaled = [w for w in result["windows"] if w.get("unscaled")]
+    if unscaled and len(unscaled) == len(result["windows"]):
+        windows = (f"The bursty window at its own damping, unscaled (more than one replica's vertical range), "
+                   f"deployment {unscaled[0]['deployment']}, multi-replica policies only")
+    elif unscaled:
+        windows += (f"; the *_unscaled windows are the bursty window at its own damping, unscaled (more than one "
+                    f"replica's vertical range), deployment {unscaled[0]['deployment']}, multi-replica policies only")
     lines = ["# Sponge experiment", "",
              f"Model **{result['profile']}**, deployment: {result['deployment']}. "
              f"Request plan: {Scenario(**result['scenario']).summary()}. "
@@ -322,17 +394,23 @@ def summary_markdown(result: dict[str, Any]) -> str:
     for w in result["windows"]:
         parts = [f"{k}: **{v['core_seconds']:.0f}**" if v.get("feasible", True) else f"{k}: **infeasible**"
                  for k, v in w["oracles"].items()]
+        reps = w["static"].get("replicas", 1)
         lines.append(f"- {w['window']} ({w['requests']} requests, mean {w['mean_rps']:.1f}, peak "
-                     f"{w['peak_rps']:.1f} req/s; static at peak {w['static']['cpu_m']} m b={w['static']['batch']}): "
-                     + "; ".join(parts))
+                     f"{w['peak_rps']:.1f} req/s; static at peak {'' if reps == 1 else f'{reps} x '}"
+                     f"{w['static']['cpu_m']} m b={w['static']['batch']}): " + "; ".join(parts))
         lines += [f"  - note: {n}" for n in w.get("notes", [])]
         lines += [f"  - {v['infeasible']}" for v in w["oracles"].values() if v.get("infeasible")]
-    if any("sponge" in w["runs"] for w in result["windows"]):
+        nodes = {n: r["nodes"] for n, r in w["runs"].items() if r.get("nodes")}
+        if nodes:
+            lines.append("  - nodes used / replicas refused (scale-outs refused) / CPU cuts: " + "; ".join(
+                f"{n} {v['used']} / {v['refused_replicas']} ({v['refused_decisions']}) / {v['clamped_cpu']}"
+                for n, v in nodes.items()))
+    if any("sponge" in w["runs"] for w in result["windows"] if not w.get("unscaled")):
         lines += ["", "## Targets for `sponge`", "", "| window | " + " | ".join(t for t, _ in TARGETS) + " |",
                   "| --- |" + " :---: |" * len(TARGETS)]
         for w in result["windows"]:
             s = w["runs"].get("sponge")
-            if s is None:
+            if s is None or w.get("unscaled"):
                 continue
             cells = []
             for _, test in TARGETS:
@@ -341,6 +419,18 @@ def summary_markdown(result: dict[str, Any]) -> str:
                     cells.append("infeasible" if ok is None else "yes" if ok else "**no**")
                 except (KeyError, TypeError):
                     cells.append("-")
+            lines.append(f"| {w['window']} | " + " | ".join(cells) + " |")
+    if any("joint" in w["runs"] for w in unscaled):
+        lines += ["", "## Targets for `joint` on the unscaled windows (issue 11)", "",
+                  "| window | " + " | ".join(t for t, _ in JOINT_TARGETS) + " |", "| --- |" + " :---: |" * len(JOINT_TARGETS)]
+        for w in unscaled:
+            s = w["runs"].get("joint")
+            if s is None:
+                continue
+            cells = []
+            for _, test in JOINT_TARGETS:
+                ok = test(s, w)
+                cells.append("-" if ok is None else "yes" if ok else "**no**")
             lines.append(f"| {w['window']} | " + " | ".join(cells) + " |")
     b = result["budgets"]
     lines += ["", f"## (a) Budget spread ({b.get('link', 'Ghent 4G')}, first 600 s)", "",
@@ -414,9 +504,9 @@ def run_experiment(
     out: str | Path = "runs/experiment",
     *,
     base: Scenario = Scenario(),
-    windows: Sequence[str] = WINDOWS,
+    windows: Sequence[str] = ALL_WINDOWS,
     peak_rps: float = 24.0,
-    policies: Sequence[str] = POLICIES,
+    policies: Sequence[str] | None = None,
     profile: str = "yolov5s",
     quiet: bool = False,
     plots: bool = True,
@@ -431,24 +521,27 @@ def run_experiment(
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    policies = list(policies) if policies is not None else list(default_policies())
     scenarios = trace_scenarios(base, trace, peak_rps) if trace else window_scenarios(base, windows, peak_rps)
-    progress = _Progress(2 + len(scenarios) * (len(policies) + 3), quiet)
+    multi = unscaled_policies(policies)
+    per_window = {w: (multi if w in UNSCALED else policies) for w in scenarios}
+    progress = _Progress(2 + sum(len(p) + 3 for p in per_window.values()), quiet)
     budgets = budget_spread(out, base.slo_ms, seed=base.seed, network=base.network)
     progress.step("budget spread")
     fits = fit_plots(out)
     progress.step("fit plots")
-    results = [run_window(w, sc, out, policies=policies, profile=profile, progress=progress, plot=plots)
-               for w, sc in scenarios.items()]
+    results = [run_window(w, sc, out, policies=per_window[w], profile=profile, progress=progress, plot=plots,
+                          dep=unscaled_deployment() if w in UNSCALED else None)
+               for w, sc in scenarios.items() if per_window[w]]
     progress.close()
     dep = Deployment()
     result = {
         "profile": profile,
-        "deployment": dep.vertical.describe() + f"; joint up to {dep.max_replicas} replicas; "
-                      f"hpa/fa2 {dep.replica_cpu_m} m replicas",
+        "deployment": dep.describe(),
         "config": asdict(SimConfig(seed=base.seed)),
         "scenario": base.describe(),
         "trace": trace,
-        "scale": next(iter(scenarios.values())).scale,
+        "scale": next((sc.scale for w, sc in scenarios.items() if w not in UNSCALED), 1.0),
         "peak_rps": peak_rps,
         "budgets": budgets,
         "fits": fits,
@@ -470,7 +563,7 @@ def _main(args: argparse.Namespace) -> int:
     try:
         base = scenario_from_args(args)
         warn_notes(replace(base, trace=args.user_trace) if args.user_trace else base, "sponge experiment")
-        res = run_experiment(args.out, base=base, windows=args.windows or WINDOWS,
+        res = run_experiment(args.out, base=base, windows=args.windows or ALL_WINDOWS,
                              peak_rps=args.busiest_peak_rps, policies=args.policies, profile=args.profile,
                              quiet=args.quiet, plots=not args.no_plots, trace=args.user_trace)
     except (FileNotFoundError, ValueError, KeyError) as e:
@@ -495,14 +588,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("experiment", help="regenerate every figure of the evaluation (simulated, paper scale)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/experiment")
-    p.add_argument("--windows", nargs="+", default=None, choices=list(WINDOWS),
-                   help=f"Twitter 2021-08 windows to run (default: all: {' '.join(WINDOWS)})")
+    p.add_argument("--windows", nargs="+", default=None, choices=list(ALL_WINDOWS),
+                   help=f"Twitter 2021-08 windows to run (default: all: {' '.join(ALL_WINDOWS)}); the *_unscaled "
+                        f"ones are the bursty window at damping 8 and 5, unscaled, on {UNSCALED_NODES} nodes of "
+                        f"{UNSCALED_NODE_CPU_M} m with the multi-replica policies ({', '.join(UNSCALED_POLICIES)}, "
+                        f"those registered)")
     p.add_argument("--trace", dest="user_trace", metavar="SPEC", default=None,
                    help="your own trace instead of the Twitter windows: any `sponge simulate --trace` (e.g. "
                         "counts:my.txt, times:arrivals.csv:1), run as one window named after the file and scaled "
                         "to --peak-rps")
-    p.add_argument("--policies", nargs="+", default=list(POLICIES),
-                   help="policies to compare ('clairvoyant' is the simulator-only reference)")
+    p.add_argument("--policies", nargs="+", default=None,
+                   help=f"policies to compare ('clairvoyant' is the simulator-only reference; default: "
+                        f"{' '.join(POLICIES)}, and themis once registered)")
     p.add_argument("--profile", default="yolov5s", help="built-in profile or profile JSON for the simulations")
     p.add_argument("--peak-rps", dest="busiest_peak_rps", metavar="RPS", type=float, default=24.0,
                    help="the busiest window (or your --trace) is scaled to this peak; the others by the same factor")

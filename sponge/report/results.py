@@ -48,6 +48,7 @@ class TimelineRecord:
     batch: int
     queue_len: int
     feasible: bool = True
+    refused_replicas: int = 0  # replicas the scale-out of this interval asked for that fit on no node (simulator)
 
 
 def _write_csv(path: Path, rows: Iterable[Any], cls: type) -> None:

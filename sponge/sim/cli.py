@@ -30,6 +30,7 @@ from sponge.sim.scenario import (
     request_set,
     run_policies,
     static_at_peak,
+    static_at_peak_replicas,
 )
 from sponge.workload.scenario import add_scenario_args, scenario_from_args, warn_notes
 
@@ -43,6 +44,12 @@ def add_deployment_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch", type=int, default=d.max_batch)
     g.add_argument("--max-replicas", type=int, default=d.max_replicas, help="joint, hpa, fa2")
     g.add_argument("--replica-cpu-m", type=int, default=d.replica_cpu_m, help="hpa / fa2 replica size")
+    g.add_argument("--nodes", type=int, default=None,
+                   help="nodes the replicas are packed on; a scale-out that fits on none is refused and counted "
+                        "(default: unlimited)")
+    g.add_argument("--node-cpu-m", type=int, default=None,
+                   help="CPU of one node: no replica exceeds it (caps --max-cpu-m and --replica-cpu-m); default: "
+                        "no node limit, or 16000 with --nodes")
     g.add_argument("--interval-ms", type=float, default=1000.0)
     g.add_argument("--resize-delay-ms", type=float, default=RESIZE_DELAY_MS,
                    help="decision -> new CPU in force (default: a local cgroup, measured by bench/resize.py)")
@@ -59,7 +66,8 @@ def add_deployment_args(p: argparse.ArgumentParser) -> None:
 
 def deployment_from(args: argparse.Namespace) -> Deployment:
     return replace(Deployment(), min_cpu_m=args.min_cpu_m, max_cpu_m=args.max_cpu_m, max_batch=args.max_batch,
-                   max_replicas=args.max_replicas, replica_cpu_m=args.replica_cpu_m)
+                   max_replicas=args.max_replicas, replica_cpu_m=args.replica_cpu_m,
+                   nodes=getattr(args, "nodes", None), node_cpu_m=getattr(args, "node_cpu_m", None))
 
 
 def config_from(args: argparse.Namespace) -> SimConfig:
@@ -71,7 +79,8 @@ def config_from(args: argparse.Namespace) -> SimConfig:
         sigma = float(args.noise_sigma)
     return SimConfig(interval_ms=args.interval_ms, resize_delay_ms=args.resize_delay_ms,
                      decision_ms=args.decision_ms, per_batch=args.per_batch,
-                     cold_start_ms=args.cold_start_ms, noise_sigma=sigma, expiry=args.expiry, seed=args.seed)
+                     cold_start_ms=args.cold_start_ms, noise_sigma=sigma, expiry=args.expiry, seed=args.seed,
+                     nodes=getattr(args, "nodes", None), node_cpu_m=getattr(args, "node_cpu_m", None))
 
 
 def summary_rows(results: dict[str, SimResult], oracles: dict[str, OracleBound], dep: Deployment) -> dict[str, Any]:
@@ -92,6 +101,7 @@ def summary_rows(results: dict[str, SimResult], oracles: dict[str, OracleBound],
             "oracle_infeasible": ob.infeasible if ob is not None and not ob.feasible else None,
             "oracle_core_seconds": ob.core_seconds if ob is not None and ob.feasible else None,
             "ratio_to_oracle": ob.ratio(r.core_seconds) if ob else None,
+            "nodes": r.meta.get("nodes"),  # with --nodes: nodes used, refused scale-outs, CPU cuts
             "sim_wall_s": r.wall_s,
             "sim_requests_per_s": r.requests_per_wall_s,
         })
@@ -134,11 +144,11 @@ def _main(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"sponge simulate: {e}", file=sys.stderr)
         return 2
-    dep = deployment_from(args)
     try:
+        dep = deployment_from(args)
         cfg = config_from(args)
     except (OSError, ValueError) as e:
-        print(f"sponge simulate: --noise-sigma: {e}", file=sys.stderr)
+        print(f"sponge simulate: {e}", file=sys.stderr)
         return 2
     print(f"{len(requests)} requests over {trace.duration_s} s ({trace.description}); model: {model_desc}",
           file=sys.stderr)
@@ -148,8 +158,11 @@ def _main(args: argparse.Namespace) -> int:
     if args.static_cpu_m:
         static = Decision(args.static_cpu_m, args.static_batch or 1)
     elif "static" in names or "vpa" in names:
-        static, att = static_at_peak(requests, model, dep, cfg)
-        print(f"static at peak: {static.cpu_m} m, b={static.batch} ({att:.3%})", file=sys.stderr)
+        if dep.nodes is not None:  # beyond one node: static at peak may need several replicas
+            static, att = static_at_peak_replicas(requests, model, dep, cfg, dep.max_replicas)
+        else:
+            static, att = static_at_peak(requests, model, dep, cfg)
+        print(f"static at peak: {static.replicas} x {static.cpu_m} m, b={static.batch} ({att:.3%})", file=sys.stderr)
     else:
         static = None
     results = run_policies(requests, model, names, dep, cfg, static=static, overrides=overrides)

@@ -39,7 +39,7 @@ import heapq
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -63,6 +63,7 @@ OUTCOME_NAMES = ("pending", "ok", "late", "expired", "rejected", "error")
 _COMPLETE, _TICK, _RESIZE, _READY, _WAKE = range(5)
 
 RESIZE_DELAY_MS = 15.0  # SimConfig.resize_delay_ms default (see there)
+NODE_CPU_M = 16_000  # SimConfig: a node's CPU when only `nodes` is given (the paper's 16-core node)
 DECISION_MS = 2.0  # SimConfig.decision_ms default: a per-batch CPU call (bench/decision_time.py: p50 50-80 us, 0.8-1.6 ms when even the top allocation falls short)
 
 
@@ -100,6 +101,12 @@ class SimConfig:
     max_drain_ms: float = 600_000.0  # after the trace: give up on requests still unanswered after this
     seed: int = 0  # service-time noise
     keep_explanations: bool = True  # store every decision's explanation (decisions.jsonl)
+    # Nodes (None, None: no node model, today's behaviour). node_cpu_m caps CPU per replica (a replica never
+    # exceeds its node) and replicas are packed on nodes; nodes=None means as many nodes as replicas need.
+    # With `nodes` a new replica that fits on no node is refused (counted in meta["nodes"], the timeline's
+    # refused_replicas and the decision's explanation). `nodes` without node_cpu_m: 16-core nodes.
+    nodes: int | None = None
+    node_cpu_m: int | None = None
 
     def __post_init__(self) -> None:
         if self.interval_ms <= 0 or self.resize_delay_ms < 0 or self.cold_start_ms < 0 or self.decision_ms < 0:
@@ -109,6 +116,17 @@ class SimConfig:
         if self.initial_cpu_m < 1 or self.initial_batch < 1 or self.initial_replicas < 1:
             raise ValueError("the initial configuration needs cpu_m, batch, replicas >= 1")
         ExpiryPolicy(self.expiry)  # validates
+        if self.nodes is not None and self.nodes < 1:
+            raise ValueError("nodes must be >= 1 (or None: unlimited)")
+        if self.node_cpu_m is not None and self.node_cpu_m < 1:
+            raise ValueError("node_cpu_m must be >= 1")
+
+    @property
+    def node_size_m(self) -> int | None:
+        """CPU of one node, or None when nodes are not modelled."""
+        if self.node_cpu_m is not None:
+            return self.node_cpu_m
+        return NODE_CPU_M if self.nodes is not None else None
 
     def initial(self) -> Decision:
         return Decision(self.initial_cpu_m, self.initial_batch, self.initial_replicas, True, "initial configuration")
@@ -118,10 +136,11 @@ class _Replica:
     """One model server: ready after its cold start, busy with at most one batch."""
 
     __slots__ = ("rid", "ready", "busy", "removing", "alive", "version", "batch", "size", "finish", "cpu_start",
-                 "usage", "busy_since", "started", "expect", "resized")
+                 "usage", "busy_since", "started", "expect", "resized", "node")
 
-    def __init__(self, rid: int, ready: bool) -> None:
+    def __init__(self, rid: int, ready: bool, node: int = -1) -> None:
         self.rid = rid
+        self.node = node  # index into Simulator._node_count (-1: nodes not modelled)
         self.ready = ready
         self.busy = False
         self.removing = False
@@ -244,12 +263,23 @@ class Simulator:
         self.queue: EDFQueue[int] = EDFQueue(cfg.queue_capacity)
         init = cfg.initial()
         self._lat: list[float] = [0.0]
+        self._node_m = cfg.node_size_m  # None: no node model
+        self._node_count: list[int] = []  # replicas (alive) per node
+        self.refused_replicas = 0  # replicas a decision asked for that fit on no node
+        self.refused_decisions = 0  # decisions (and the initial configuration) with a refused scale-out
+        self.clamped_cpu = 0  # CPU requests (decisions and per-batch) cut to what the replicas' nodes hold
+        self._refused_tick = 0  # refused replicas since the last tick (the timeline's column)
+        if self._node_m is not None and init.cpu_m > self._node_m:
+            init = replace(init, cpu_m=self._node_m)
+            self.clamped_cpu += 1
         self.cpu = init.cpu_m  # CPU per replica in force (all replicas share it)
         self._cpu_target = init.cpu_m
         sizer = getattr(policy, "batch_cpu_m", None)
         self._sizer = sizer if callable(sizer) and cfg.per_batch else None
         # with per-batch CPU a request is hopeless only at the allocation the sizer can reach
         reach = float(getattr(policy, "max_cpu_m", 0) or 0) if self._sizer is not None else 0.0
+        if self._node_m is not None and reach > 0:
+            reach = min(reach, float(self._node_m))  # the sizer cannot go past the node
         self._reach = [0.0] + [self._latency(b, reach) for b in range(1, 65)] if reach > 0 else None
         self.batcher = Batcher(init.batch, self._estimate, ExpiryPolicy(cfg.expiry), cfg.max_wait_ms,
                                expiry_estimate_ms=self._reachable if self._reach is not None else None)
@@ -266,8 +296,13 @@ class Simulator:
         self.idle: list[_Replica] = []  # ready, not busy, not draining
         self._rid = 0
 
-        for _ in range(init.replicas):
-            self._add_replica(0.0, ready=True)
+        got = sum(self._add_replica(0.0, ready=True, cpu_m=init.cpu_m) for _ in range(init.replicas))
+        if got < init.replicas:
+            self.refused_replicas += init.replicas - got
+            self.refused_decisions += 1
+            self._refused_tick += init.replicas - got
+            init = replace(init, replicas=max(got, 1), explanation=init.explanation + self._node_note(init.replicas, got, init.cpu_m))
+            self.current = init
         self._rng = np.random.default_rng(cfg.seed)
         self._noise: list[float] = []
         self._noise_i = 0
@@ -293,10 +328,11 @@ class Simulator:
         return lat[b] if b < len(lat) else self._latency(b, self.cpu)
 
     def _reachable(self, b: int) -> float:
-        """l(b) at the most the per-batch sizer can reach (its policy's max_cpu_m)."""
+        """l(b) at the most the per-batch sizer can reach (its policy's max_cpu_m, at most the node)."""
         r = self._reach
         assert r is not None
-        return r[b] if b < len(r) else self._latency(b, float(getattr(self.policy, "max_cpu_m")))
+        top = float(getattr(self.policy, "max_cpu_m"))
+        return r[b] if b < len(r) else self._latency(b, top if self._node_m is None else min(top, self._node_m))
 
     def _latency(self, b: int, cpu_m: float) -> float:
         return max(float(self.model.latency_ms(b, cpu_m)), 1e-6)
@@ -335,32 +371,78 @@ class Simulator:
         self._cost_t = now
 
     # ---- replicas --------------------------------------------------------------------------------------
-    def _add_replica(self, now: float, ready: bool) -> None:
+    # ---- nodes -------------------------------------------------------------------------------------------
+    def _place(self, cpu_m: int) -> int | None:
+        """A node for one more replica of cpu_m (every replica of a node shares its CPU): the least loaded
+        node with room (spreading leaves each replica the most room to grow in place), a new node while
+        nodes are unlimited or some are unused; None when it fits nowhere (the scale-out is refused)."""
+        assert self._node_m is not None
+        fits = [(k, i) for i, k in enumerate(self._node_count) if (k + 1) * cpu_m <= self._node_m]
+        limit = self.cfg.nodes
+        can_open = (limit is None or len(self._node_count) < limit) and cpu_m <= self._node_m
+        if can_open and (not fits or min(fits)[0] > 0):  # an unused node is the least loaded
+            self._node_count.append(0)
+            return len(self._node_count) - 1
+        return min(fits)[1] if fits else None
+
+    def _node_cap(self) -> int:
+        """The most CPU per replica the nodes hold with the replicas where they are (all share one CPU)."""
+        if self._node_m is None:
+            return 1 << 62
+        most = max(self._node_count, default=0)
+        return self._node_m // most if most else self._node_m
+
+    def _clamp(self, cpu_m: int) -> int:
+        cap = self._node_cap()
+        if cpu_m > cap:
+            self.clamped_cpu += 1
+            return cap
+        return cpu_m
+
+    def _node_note(self, asked: int, got: int, cpu_m: int) -> str:
+        return (f" [nodes: scale-out refused: {got} of {asked} replicas fit at {cpu_m} m each on "
+                f"{self.cfg.nodes} nodes of {self._node_m} m]")
+
+    def _add_replica(self, now: float, ready: bool, cpu_m: int | None = None) -> bool:
+        """Start a replica (on a node with room for cpu_m, if nodes are modelled); False if none has room."""
+        node = -1
+        if self._node_m is not None:
+            got = self._place(self.cpu if cpu_m is None else cpu_m)
+            if got is None:
+                return False
+            node = got
+            self._node_count[node] += 1
         self._integrate(now)
-        rep = _Replica(self._rid, ready)
+        rep = _Replica(self._rid, ready, node)
         self._rid += 1
         self.live.append(rep)
         if ready:
             self.idle.append(rep)
         else:
             self._push(now + self.cfg.cold_start_ms, _READY, rep)
+        return True
 
     def _drop(self, rep: _Replica, now: float) -> None:
         self._integrate(now)
+        if rep.node >= 0:
+            self._node_count[rep.node] -= 1
         rep.alive = False
         self.live.remove(rep)
         if rep in self.idle:
             self.idle.remove(rep)
 
-    def _set_replicas(self, n: int, now: float) -> None:
+    def _set_replicas(self, n: int, now: float, cpu_m: int | None = None) -> int:
+        """Scale to n replicas (new ones placed for cpu_m per replica); returns how many were refused."""
         active = [r for r in self.live if not r.removing]
+        refused = 0
         if n > len(active):
             for r in self.live:  # un-drain before starting new ones: they are warm
                 if r.removing and n > len(active):
                     r.removing = False
                     active.append(r)
             for _ in range(n - len(active)):
-                self._add_replica(now, ready=self.cfg.cold_start_ms == 0)
+                if not self._add_replica(now, ready=self.cfg.cold_start_ms == 0, cpu_m=cpu_m):
+                    refused += 1
         elif n < len(active):
             k = len(active) - n
             victims = [r for r in reversed(active) if not r.ready][:k]  # cancel cold starts first
@@ -371,6 +453,7 @@ class Simulator:
                     r.removing = True  # finishes its batch, then goes
                 else:
                     self._drop(r, now)
+        return refused
 
     # ---- the serving path --------------------------------------------------------------------------------
     def _dispatch(self, now: float) -> None:
@@ -473,6 +556,8 @@ class Simulator:
             if got.batch >= len(self._lat):
                 self._retable(int(got.batch))
         cpu = int(got.cpu_m)
+        if self._node_m is not None:
+            cpu = self._clamp(cpu)
         if cpu == self._cpu_target:
             return
         self._cpu_target = cpu
@@ -485,6 +570,8 @@ class Simulator:
 
     # ---- control ---------------------------------------------------------------------------------------
     def _resize(self, cpu_m: int, now: float) -> None:
+        if self._node_m is not None:
+            cpu_m = min(cpu_m, self._node_cap())  # the nodes as they are when it lands
         if cpu_m == self.cpu:
             return
         self._integrate(now)
@@ -526,6 +613,9 @@ class Simulator:
         cpu = int(d.cpu_m)
         if cpu < 1 or d.batch < 1 or d.replicas < 1:
             raise ValueError(f"policy {self.policy.name!r} returned an invalid decision {d}")
+        if self._node_m is not None:
+            d = self._fit_nodes(d, now)
+            cpu = int(d.cpu_m)
         if d.batch != self.batcher.batch_size:
             self.batcher.batch_size = int(d.batch)
             if d.batch >= len(self._lat):
@@ -536,11 +626,33 @@ class Simulator:
                 self._resize(cpu, now)
             else:
                 self._push(now + self.cfg.resize_delay_ms, _RESIZE, cpu)
-        self._set_replicas(min(int(d.replicas), self.cfg.max_replicas), now)
+        if self._node_m is None:
+            self._set_replicas(min(int(d.replicas), self.cfg.max_replicas), now)
         self.current = d
         self._dispatch(now)
         if self._sizer is not None:
             self._size(now)
+
+    def _fit_nodes(self, d: Decision, now: float) -> Decision:
+        """Scale replicas first (a new one needs room for the decision's CPU on some node, else it is
+        refused), then cut the CPU per replica to what the fullest node holds. Returns the decision as
+        applied: what the policy sees as `current` next, with the refusal in its explanation."""
+        want = min(int(d.replicas), self.cfg.max_replicas)
+        cpu = min(int(d.cpu_m), int(self._node_m or d.cpu_m))
+        refused = self._set_replicas(want, now, cpu)
+        cpu = self._clamp(int(d.cpu_m))
+        note = ""
+        if refused:
+            self.refused_replicas += refused
+            self.refused_decisions += 1
+            self._refused_tick += refused
+            note = self._node_note(want, want - refused, cpu)
+        if cpu != d.cpu_m and not refused:
+            note = f" [nodes: CPU per replica cut to {cpu} m, what the fullest of the nodes of {self._node_m} m holds]"
+        if not note:
+            return d
+        active = sum(1 for r in self.live if not r.removing)
+        return replace(d, cpu_m=cpu, replicas=max(active, 1), explanation=d.explanation + note)
 
     def _tick(self, now: float, arrived: int) -> bool:
         """Close the interval ending now, ask the policy, apply. Returns False when the run is over."""
@@ -551,8 +663,9 @@ class Simulator:
         self.timeline.append(TimelineRecord(
             t_ms=now, arrival_rps=obs.arrival_rate_rps, cpu_m=int(self.cpu), replicas=active,
             total_cpu_m=int(round(self.observer.total_cpu_m)), batch=self.batcher.batch_size,
-            queue_len=len(self.queue), feasible=bool(self.current.feasible),
+            queue_len=len(self.queue), feasible=bool(self.current.feasible), refused_replicas=self._refused_tick,
         ))
+        self._refused_tick = 0
         if self.progress is not None:
             self.progress(min(now / self.req.duration_ms, 1.0) if self.req.duration_ms > 0 else 1.0)
         if now >= self.req.duration_ms and (self._ended == self.n or now >= self.req.duration_ms + cfg.max_drain_ms):
@@ -624,6 +737,10 @@ class Simulator:
             wall_s=time.perf_counter() - wall0,
             events=n_events + n,
             config=self.cfg,
+            meta={} if self._node_m is None else {"nodes": {
+                "nodes": self.cfg.nodes, "node_cpu_m": self._node_m, "used": len(self._node_count),
+                "refused_replicas": self.refused_replicas, "refused_decisions": self.refused_decisions,
+                "clamped_cpu": self.clamped_cpu}},
         )
 
 

@@ -92,7 +92,7 @@ class ActionSpace:
     def describe(self) -> str:
         reps = "1 replica" if self.max_replicas == 1 else f"{self.min_replicas}-{self.max_replicas} replicas"
         nodes = ""
-        if self.node_cpu_m is not None:
+        if self.node_cpu_m is not None and self.max_replicas > 1:  # one replica: max_cpu_m says it
             nodes = f", {'unlimited' if self.nodes is None else self.nodes} nodes of {self.node_cpu_m} m"
         return f"{reps} x {self.min_cpu_m}-{self.max_cpu_m} m, batch <= {self.max_batch}{nodes}"
 

@@ -21,13 +21,13 @@ from sponge.perf.latency_model import LatencyModel
 from sponge.policy import make_policy
 from sponge.policy.types import Decision, Policy
 from sponge.report.summary import saveable_floor_ms
-from sponge.sim.engine import SimConfig, SimResult, simulate
+from sponge.sim.engine import NODE_CPU_M, SimConfig, SimResult, simulate
 from sponge.sim.inputs import RequestSet
 from sponge.sim.oracle import ActionSpace
 from sponge.workload import RateTrace
 from sponge.workload.scenario import Scenario
 
-ALL_POLICIES = ("sponge", "paper", "static", "vpa", "hpa", "fa2", "joint")
+ALL_POLICIES = ("sponge", "paper", "static", "vpa", "hpa", "fa2", "joint", "themis")
 REFERENCES = ("clairvoyant",)  # simulator-only: they read the future (sponge.sim.clairvoyant)
 
 
@@ -87,24 +87,50 @@ class Deployment:
     step_m: int = 50  # sponge / joint millicore grid
     hpa_batch: int = 1
     vpa_time_scale: float = 1.0 / 1440.0  # VPA's day -> one minute, so it acts within a 20-minute window
+    # Nodes (SimConfig.nodes / node_cpu_m; None: not modelled, as before). A replica never exceeds its node:
+    # max_cpu_m and replica_cpu_m are cut to node_cpu_m here, so every policy and bound sees the cut.
+    nodes: int | None = None
+    node_cpu_m: int | None = None
+
+    def __post_init__(self) -> None:
+        node = self.node_cpu_m if self.node_cpu_m is not None else (NODE_CPU_M if self.nodes is not None else None)
+        if node is None:
+            return
+        if self.nodes is not None and self.nodes < 1 or node < self.min_cpu_m:
+            raise ValueError(f"need nodes >= 1 and a node ({node} m) at least min_cpu_m ({self.min_cpu_m} m)")
+        object.__setattr__(self, "node_cpu_m", node)
+        object.__setattr__(self, "max_cpu_m", min(self.max_cpu_m, node))
+        object.__setattr__(self, "replica_cpu_m", min(self.replica_cpu_m, node))
+
+    def sim_nodes(self) -> dict[str, int | None]:
+        """The SimConfig fields of these nodes."""
+        return {"nodes": self.nodes, "node_cpu_m": self.node_cpu_m}
 
     @property
     def vertical(self) -> ActionSpace:
-        return ActionSpace(self.min_cpu_m, self.max_cpu_m, self.max_batch)
+        return ActionSpace(self.min_cpu_m, self.max_cpu_m, self.max_batch, node_cpu_m=self.node_cpu_m)
 
     @property
     def joint(self) -> ActionSpace:
-        return ActionSpace(self.min_cpu_m, self.max_cpu_m, self.max_batch, 1, self.max_replicas)
+        return ActionSpace(self.min_cpu_m, self.max_cpu_m, self.max_batch, 1, self.max_replicas, self.nodes,
+                           self.node_cpu_m)
 
     @property
     def horizontal(self) -> ActionSpace:
-        return ActionSpace(self.replica_cpu_m, self.replica_cpu_m, self.max_batch, 1, self.max_replicas)
+        return ActionSpace(self.replica_cpu_m, self.replica_cpu_m, self.max_batch, 1, self.max_replicas, self.nodes,
+                           self.node_cpu_m)
+
+    def describe(self) -> str:
+        nodes = "" if self.node_cpu_m is None else (
+            f"; {'unlimited' if self.nodes is None else self.nodes} nodes of {self.node_cpu_m} m")
+        return (f"{self.vertical.describe()}; joint up to {self.max_replicas} replicas; hpa/fa2 "
+                f"{self.replica_cpu_m} m replicas{nodes}")
 
     def space_of(self, policy: str) -> ActionSpace:
         if policy in ("hpa", "fa2"):
             return self.horizontal
-        if policy == "joint":
-            return self.joint
+        if policy in ("joint", "themis") or (policy == "static" and self.nodes is not None):
+            return self.joint  # with nodes, static at peak may hold several replicas
         return self.vertical
 
 
@@ -114,12 +140,12 @@ def default_params(name: str, dep: Deployment, static: Decision | None = None) -
         return {"min_cpu_m": dep.min_cpu_m, "max_cpu_m": dep.max_cpu_m, "step_m": dep.step_m, "max_batch": dep.max_batch}
     if name == "paper":
         return {"max_cores": max(1, dep.max_cpu_m // 1000), "max_batch": dep.max_batch}
-    if name == "joint":
+    if name in ("joint", "themis"):  # themis (issue 11): the joint action space, the same parameters
         return {"min_cpu_m": dep.min_cpu_m, "max_cpu_m": dep.max_cpu_m, "step_m": dep.step_m,
                 "max_batch": dep.max_batch, "max_replicas": dep.max_replicas}
     if name == "static":
         s = static or Decision(dep.max_cpu_m, min(8, dep.max_batch))
-        return {"cpu_m": s.cpu_m, "batch": s.batch, "replicas": s.replicas}
+        return {"cpu_m": min(s.cpu_m, dep.max_cpu_m), "batch": s.batch, "replicas": s.replicas}
     if name == "vpa":
         return {"batch": static.batch if static else None, "min_cpu_m": dep.min_cpu_m, "max_cpu_m": dep.max_cpu_m,
                 "time_scale": dep.vpa_time_scale}
@@ -142,7 +168,9 @@ def initial_decision(name: str, dep: Deployment, model: LatencyModel, requests: 
         n = min(dep.max_replicas, max(1, math.ceil(rate0 / (0.8 * h)))) if h > 0 else 1
         return Decision(dep.replica_cpu_m, b, n, True, "initial: replicas for the first 10 s at 80 % utilisation")
     s = static or Decision(dep.max_cpu_m, min(8, dep.max_batch))
-    return Decision(s.cpu_m, s.batch, 1, True, "initial: the static-at-peak allocation")
+    if name == "static":  # static at peak may need several replicas (beyond one node)
+        return Decision(min(s.cpu_m, dep.max_cpu_m), s.batch, s.replicas, True, "initial: the static allocation")
+    return Decision(min(s.cpu_m, dep.max_cpu_m), s.batch, 1, True, "initial: the static-at-peak allocation")
 
 
 def new_policy(name: str, model: LatencyModel, params: dict[str, Any]) -> Policy:
@@ -159,29 +187,33 @@ def static_at_peak(
     target: float = 0.999,
     batches: Sequence[int] = (1, 2, 3, 4, 6, 8, 12, 16),
     grid_m: int = 100,
+    replicas: int = 1,
 ) -> tuple[Decision, float]:
-    """The cheapest fixed (cpu, batch) on one replica whose simulation of this very plan attains
+    """The cheapest fixed (cpu, batch) on `replicas` replicas whose simulation of this very plan attains
     `target` — a static allocation provisioned for the peak with hindsight (the strongest static
     baseline). Binary search over CPU per batch size (attainment rises with CPU). Returns it and its
     attainment; if no allocation reaches the target, the best one at max CPU."""
     cand: list[tuple[int, int, float]] = []
     lo_all = max(dep.min_cpu_m, grid_m)
+    top = dep.joint.max_cpu_for(replicas)  # with nodes, several replicas share them
+    if top < lo_all:
+        return Decision(top, 1, replicas, False, f"static at peak: {replicas} replicas do not fit the nodes"), 0.0
 
     def att(cpu: int, b: int) -> float:
-        cfg = replace(config, initial_cpu_m=cpu, initial_batch=b, initial_replicas=1, keep_explanations=False)
-        pol = make_policy("static", model, cpu_m=cpu, batch=b)
+        cfg = replace(config, initial_cpu_m=cpu, initial_batch=b, initial_replicas=replicas, keep_explanations=False)
+        pol = make_policy("static", model, cpu_m=cpu, batch=b, replicas=replicas)
         return simulate(requests, model, pol, cfg).attainment
 
-    best_fallback = (dep.max_cpu_m, 1, -1.0)
+    best_fallback = (top, 1, -1.0)
     for b in batches:
         if b > dep.max_batch:
             continue
-        a_hi = att(dep.max_cpu_m, b)
+        a_hi = att(top, b)
         if a_hi > best_fallback[2]:
-            best_fallback = (dep.max_cpu_m, b, a_hi)
+            best_fallback = (top, b, a_hi)
         if a_hi < target:
             continue
-        lo, hi = lo_all // grid_m, dep.max_cpu_m // grid_m  # hi feasible
+        lo, hi = lo_all // grid_m, top // grid_m  # hi feasible
         a_best = a_hi
         while hi - lo > 1:
             mid = (lo + hi) // 2
@@ -192,12 +224,38 @@ def static_at_peak(
                 lo = mid
         if lo == lo_all // grid_m and att(lo * grid_m, b) >= target:
             hi, a_best = lo, att(lo * grid_m, b)
-        cand.append((hi * grid_m, b, a_best))
+        cand.append((hi * grid_m if hi * grid_m <= top else top, b, a_best))
     if not cand:
         c, b, a = best_fallback
-        return Decision(c, b, 1, False, f"static at peak: nothing attains {target:.1%}; best {a:.2%}"), a
+        return Decision(c, b, replicas, False, f"static at peak: nothing attains {target:.1%}; best {a:.2%}"), a
     c, b, a = min(cand)
-    return Decision(c, b, 1, True, f"static at peak: least fixed CPU attaining {target:.1%} ({a:.2%})"), a
+    return Decision(c, b, replicas, True, f"static at peak: least fixed CPU attaining {target:.1%} ({a:.2%})"), a
+
+
+def static_at_peak_replicas(
+    requests: RequestSet,
+    model: LatencyModel,
+    dep: Deployment,
+    config: SimConfig,
+    max_replicas: int,
+    target: float = 0.999,
+) -> tuple[Decision, float]:
+    """Static at peak beyond one replica (a load one node cannot carry): the fewest replicas r <= max_replicas
+    whose best fixed allocation attains `target`, or r + 1 if that is cheaper in total CPU; without any,
+    the best attainment found (at the most replicas tried)."""
+    best: tuple[Decision, float] | None = None
+    for r in range(1, max_replicas + 1):
+        d, a = static_at_peak(requests, model, dep, config, target, replicas=r)
+        if d.feasible:
+            if r < max_replicas:
+                d2, a2 = static_at_peak(requests, model, dep, config, target, replicas=r + 1)
+                if d2.feasible and d2.total_cpu_m < d.total_cpu_m:
+                    return d2, a2
+            return d, a
+        if best is None or a > best[1]:
+            best = (d, a)
+    assert best is not None
+    return best
 
 
 # ---- one comparison ----------------------------------------------------------------------------------
