@@ -23,11 +23,28 @@ RunData = tuple[Sequence[RequestRecord], Sequence[TimelineRecord]]
 _PANELS = (
     "load (req/s)",
     "allocated CPU (millicores)",
+    "CPU per replica (millicores)",
     "batch size",
     "replicas",
     "server latency vs budget (ms)",
     "misses per interval",
 )
+# the row of each panel by key, so a new panel does not renumber the code that draws them
+_ROW = {"load": 0, "total": 1, "per_replica": 2, "batch": 3, "replicas": 4, "latency": 5, "misses": 6}
+
+
+def replica_series(timeline: Sequence[TimelineRecord]) -> dict[str, np.ndarray]:
+    """What the replica panels draw, per timeline row in time order: t_s (interval end), replicas in
+    force, CPU per replica (millicores), total allocated CPU, and replicas refused for want of a node
+    (simulator with --nodes). Live and simulated timelines carry the same columns."""
+    rows = sorted(timeline, key=lambda r: r.t_ms)
+    return {
+        "t_s": np.array([r.t_ms / 1000.0 for r in rows], dtype=float),
+        "replicas": np.array([r.replicas for r in rows], dtype=int),
+        "cpu_per_replica_m": np.array([r.cpu_m for r in rows], dtype=float),
+        "total_cpu_m": np.array([r.total_cpu_m for r in rows], dtype=float),
+        "refused_replicas": np.array([getattr(r, "refused_replicas", 0) for r in rows], dtype=int),
+    }
 
 
 def _interval_s(timeline: Sequence[TimelineRecord], default: float = 10.0) -> float:
@@ -75,16 +92,23 @@ def _draw_run(
         _no_data(ax, "requests")
 
     if tl:
-        _step(axes[1], tl, "total_cpu_m", color="C1", lw=1.4, label="total")
-        _step(axes[1], tl, "cpu_m", color="C1", lw=0.8, ls="--", label="per replica")
-        _legend(axes[1], legends)
-        _step(axes[2], tl, "batch", color="C2", lw=1.2)
-        _step(axes[3], tl, "replicas", color="C4", lw=1.2)
+        _step(axes[_ROW["total"]], tl, "total_cpu_m", color="C1", lw=1.4, label="total (starting replicas too)")
+        _legend(axes[_ROW["total"]], legends)
+        _step(axes[_ROW["per_replica"]], tl, "cpu_m", color="C5", lw=1.2)
+        _step(axes[_ROW["batch"]], tl, "batch", color="C2", lw=1.2)
+        ax = axes[_ROW["replicas"]]
+        _step(ax, tl, "replicas", color="C4", lw=1.2, label="replicas")
+        rs = replica_series(tl)
+        refused = rs["refused_replicas"] > 0
+        if refused.any():  # a scale-out that found no node (sponge simulate --nodes)
+            ax.scatter(rs["t_s"][refused], rs["replicas"][refused] + rs["refused_replicas"][refused], marker="x",
+                       s=14, color="C3", lw=0.8, label="asked, no node")
+            _legend(ax, legends)
     else:
-        for ax in axes[1:4]:
-            _no_data(ax, "timeline")
+        for k in ("total", "per_replica", "batch", "replicas"):
+            _no_data(axes[_ROW[k]], "timeline")
 
-    ax = axes[4]  # each request: its budget (grey) and its server time (blue, red when missed)
+    ax = axes[_ROW["latency"]]  # each request: its budget (grey) and its server time (blue, red when missed)
     if reqs:
         budget = np.array([r.budget_ms for r in reqs], dtype=float)
         server = np.array([r.server_ms for r in reqs], dtype=float)
@@ -102,7 +126,7 @@ def _draw_run(
     else:
         _no_data(ax, "requests")
 
-    ax = axes[5]
+    ax = axes[_ROW["misses"]]
     step = _interval_s(tl)
     if reqs:
         bins = np.arange(0.0, horizon + step, step)
@@ -139,7 +163,7 @@ def plot_timelines(runs: Mapping[str, RunData], path: str | Path, title: str | N
         raise ValueError("plot_timelines needs at least one run")
     names = list(runs)
     fig, axes = plt.subplots(
-        len(_PANELS), len(names), figsize=(4.6 * len(names) + 1.2, 12.5), sharex="col", sharey="row", squeeze=False
+        len(_PANELS), len(names), figsize=(4.6 * len(names) + 1.2, 14.0), sharex="col", sharey="row", squeeze=False
     )
     for j, name in enumerate(names):
         reqs, tl = runs[name]
@@ -151,12 +175,13 @@ def plot_timelines(runs: Mapping[str, RunData], path: str | Path, title: str | N
     for i, label in enumerate(_PANELS):
         axes[i, 0].set_ylabel(label, fontsize=8)
     top = _latency_ylim(runs)
+    lat = _ROW["latency"]
     if top is not None and top > 0:
-        axes[4, 0].set_ylim(min(0.0, axes[4, 0].get_ylim()[0]), top)
-    for i in (0, 1, 2, 3, 5):
-        axes[i, 0].set_ylim(bottom=0)
-    for i in (2, 3, 5):
-        axes[i, 0].yaxis.set_major_locator(MaxNLocator(integer=True))
+        axes[lat, 0].set_ylim(min(0.0, axes[lat, 0].get_ylim()[0]), top)
+    for k in ("load", "total", "per_replica", "batch", "replicas", "misses"):
+        axes[_ROW[k], 0].set_ylim(bottom=0)
+    for k in ("batch", "replicas", "misses"):
+        axes[_ROW[k], 0].yaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
     return _save(fig, path)
