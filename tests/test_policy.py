@@ -51,7 +51,9 @@ from sponge.policy.feasibility import (
     poisson_envelope,
     worst_slacks_ms,
 )
+from sponge.policy.envelope import LoadForecast
 from sponge.policy.hysteresis import DownscaleStabilizer
+from sponge.policy.joint import share_of
 
 TOY = LatencyModel(g=50.0, d=0.0, e=50.0, h=0.0)
 
@@ -425,18 +427,26 @@ def test_vectorised_bounds_for_many_loads_match_one_by_one() -> None:
 G_ONLY = LatencyModel(g=100.0, d=0.0, e=0.0, h=0.0)  # l(1, c) = 100/c ms, h = 10 rps per core
 
 
-def joint(**kw) -> JointOptimizer:
-    params = dict(max_cpu_m=2000, step_m=100, max_batch=1, max_replicas=16, headroom=0.0, burst_z=0.0)
+def joint(model: LatencyModel = G_ONLY, **kw) -> JointOptimizer:
+    """The joint rule with exact arithmetic (as exact_sponge): the last interval's rate, safety 0.9, no
+    dispersion, expected arrivals (DeadlineDemand with arrival_eps=None, burst_z=0). scale_out_window=1
+    unless a test sets it: the tests of the replica count's timing below do."""
+    params = dict(max_cpu_m=2000, step_m=100, max_batch=1, max_replicas=16, safety=0.9, predictor="reactive",
+                  jump_z=None, measure_dispersion=False, scale_out_window=1)
     params.update(kw)
-    return JointOptimizer(G_ONLY, **params)
+    j = JointOptimizer(model, **params)
+    j.planner.demand = DeadlineDemand(j.alloc.floor_ms, arrival_eps=None, burst_z=0.0)
+    return j
 
 
 def test_joint_minimises_total_cpu() -> None:
-    # 31 rps; one replica carries at most 20 rps (2 cores), so n >= 2. With b=1 each replica needs
-    # c >= rate/10 cores (the deadline, 2 l <= 900 ms, only needs 0.22 cores):
-    #   n=2: 15.5 -> 1600 m (total 3200)   n=3: 10.3 -> 1100 (3300)   n=4: 7.75 -> 800 (3200)
-    #   n=5: 6.2 -> 700 (3500)             n=8: 3.9 -> 400 (3200)     n=16: 1.9 -> latency 300 (4800)
-    # the least total is 3200 m; ties go to fewer replicas: 2 x 1600 m.
+    # 31 rps, budgets 1000 ms (x 0.9 = 900). The replicas share one EDF queue: the pooled arrivals are
+    # jobs with deadlines 900 + i * 1000/31 ms; each of n replicas serves every n-th (900 + k n 32.3 ms)
+    # and sustains 31/n rps. With b=1 the throughput bound l <= 1000 n / 31 ms binds (the deadlines only
+    # need (k + 2) l <= 900 + 32.3 k n), so c >= 3.1/n cores, on the 100 m grid:
+    #   n=2: 1600 m (total 3200)   n=3: 1100 (3300)   n=4: 800 (3200)   n=5: 700 (3500)   n=8: 400 (3200)
+    # one replica carries at most 20 rps (2 cores): n >= 2. The least total is 3200 m; ties go to fewer
+    # replicas: 2 x 1600 m.
     d = joint().decide(obs(31.0, budgets=(1000.0,) * 50, current=Decision(1600, 1, replicas=2)))
     assert (d.replicas, d.cpu_m, d.feasible) == (2, 1600, True)
     assert "total 3200m" in d.explanation
@@ -448,16 +458,29 @@ def test_joint_search_equals_brute_force() -> None:
         j = JointOptimizer(model, max_cpu_m=4000, step_m=50, max_batch=16, max_replicas=12)
         for _ in range(5):
             o = obs(float(rng.uniform(5, 150)), budgets=tuple(rng.uniform(400, 1500, 100)))
-            prof = BudgetProfile.of(o.budgets_ms, j.safety)
-            n, cpu = j.recommend_replicas(o, o.arrival_rate_rps, prof)
-            plans = {k: j.plan_for(k, o, o.arrival_rate_rps, prof, backlog=False) for k in range(1, 13)}
+            fc = LoadForecast(o.arrival_rate_rps, o.arrival_rate_rps)
+            rec = j.recommend_replicas(o, fc, 0.9)
+            plans = {k: j.planner.plan(k, o, fc, 0.9, backlog=False) for k in range(1, 13)}
             best = min((k * q.cpu_m, k) for k, q in plans.items() if q.feasible)
-            assert (n * cpu, n) == best and plans[n].cpu_m == cpu
+            assert (rec.replicas * rec.plan.cpu_m, rec.replicas) == best
+            assert plans[rec.replicas].cpu_m == rec.plan.cpu_m
+
+
+def test_joint_replica_share_is_every_nth_pooled_job() -> None:
+    # One pooled Poisson envelope for the deployment, not n (a burst is one burst on a shared queue):
+    # replica j of n serves jobs j, j+n, ...; the tightest share is jobs 0, n, 2n, ... at 1/n the rate.
+    w = Workload(np.array([5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0]), 2, 30.0, 2, 5,
+                 np.array([True, False, True, False, False, False, False]))
+    s = share_of(w, 3)
+    assert s.deadlines_ms.tolist() == [5.0, 30.0, 60.0] and s.n_written_off == 1 and s.load_rps == 10.0
+    assert s.is_backlog is not None and s.is_backlog.tolist() == [True, False, False]
+    assert (s.n_backlog, s.n_arrivals) == (1, 2)
+    assert share_of(w, 1) is w
 
 
 def test_joint_scale_in_waits_for_the_stabilisation_window() -> None:
     # 31 rps needs 2 replicas; 5 rps needs 1 (1 x 500 m). scale_in_window=4: the count drops only at
-    # the 4th consecutive low interval; scale-out is immediate.
+    # the 4th consecutive low interval; scale-out at 31 rps is immediate (1 replica cannot carry it).
     j = joint(scale_in_window=4)
     current = Decision(1600, 1, replicas=2)
     replicas = []
@@ -467,9 +490,50 @@ def test_joint_scale_in_waits_for_the_stabilisation_window() -> None:
     assert replicas == [2, 2, 2, 2, 2, 2, 1, 1, 2]
 
 
+def test_joint_surge_is_vertical_first_then_a_persisting_level_turns_horizontal() -> None:
+    # l(1, c) = 100/c + 20 ms (a per-request term: a bigger replica is less efficient), b=1, budgets 1000 ms
+    # (x 0.9 = 900). At 10 rps one replica needs l <= 100 ms (throughput): c >= 1.25 cores -> 1300 m; two
+    # replicas at 5 rps each need l <= 200 ms: c >= 0.56 -> 600 m, total 1200 m < 1300 (three: 3 x 400,
+    # a tie, fewer wins). So n* = 2, but one replica still carries 10 rps (no cap binds): with
+    # scale_out_window=3 the surge is met vertically (1 x 1300 m) for 2 intervals and the level, persisting,
+    # turns horizontal at the 3rd; the ready replica bridges the cold start at 1300 m, then both drop to 600.
+    # (The observations say nothing is starting: the new replica is ready by the next decision.)
+    j = joint(LatencyModel(g=100.0, d=20.0, e=0.0, h=0.0), scale_out_window=3)
+    current = Decision(1000, 1, replicas=1)
+    seen = []
+    for t in range(4):
+        current = j.decide(obs(10.0, budgets=(1000.0,) * 50, current=current, now_ms=1000.0 * t))
+        seen.append((current.replicas, current.cpu_m))
+        if t < 2:
+            assert f"scale-out to 2 waits ({t + 1}/3 intervals)" in current.explanation
+    assert seen == [(1, 1300), (1, 1300), (2, 1300), (2, 600)]
+
+
+def test_joint_scales_out_at_once_when_the_per_replica_cap_binds() -> None:
+    # 31 rps: one replica would need 3.1 cores > max 2000 m. Even with scale_out_window=5 the count goes to
+    # n* = 2 at the first interval (the cap binds; waiting would miss deadlines, not save CPU).
+    j = joint(scale_out_window=5)
+    d = j.decide(obs(31.0, budgets=(1000.0,) * 50, current=Decision(2000, 1, replicas=1)))
+    assert d.replicas == 2 and "cap binds" in d.explanation
+    # 45 rps on 2 ordered replicas (one still starting): 2 x 2000 m carry 40 rps at most -> 3 at once
+    d = j.decide(obs(45.0, budgets=(1000.0,) * 50, current=Decision(2000, 1, replicas=2), starting=1))
+    assert d.replicas == 3 and "cap binds" in d.explanation
+
+
+def test_joint_never_counts_starting_replicas_as_capacity() -> None:
+    # 4 replicas ordered, 2 of them still starting; 20 rps. The CPU is planned for the 2 ready ones
+    # (10 rps each -> 1000 m), not for 4 (5 rps each -> 500 m).
+    j = joint(scale_in_window=30)
+    d = j.decide(obs(20.0, budgets=(1000.0,) * 50, current=Decision(500, 1, replicas=4), starting=2))
+    assert (d.replicas, d.cpu_m) == (4, 1000)
+    assert "cold-start bridge: 2 ready of 4" in d.explanation
+    d = j.decide(obs(20.0, budgets=(1000.0,) * 50, current=d, starting=0))
+    assert (d.replicas, d.cpu_m) == (4, 500)  # all ready: the bridge ends at once
+
+
 def test_joint_cold_start_bridge() -> None:
     # One ready replica at 2000 m, load 31 rps -> 2 replicas of 1600 m. While the second starts, the
-    # ready one carries 31 rps alone: it would need 3.1 cores (> max, infeasible), so it keeps 2000 m;
+    # ready one carries 31 rps alone: it would need 3.1 cores (> max, infeasible), so it gets max CPU;
     # the bridge ends as soon as the new replica is ready, without waiting for hysteresis.
     j = joint()
     o = obs(31.0, budgets=(1000.0,) * 50, current=Decision(2000, 1, replicas=1))
@@ -485,7 +549,7 @@ def test_joint_cold_start_bridge() -> None:
 def test_joint_bridge_can_be_capped_by_cost() -> None:
     # From 1 x 1000 m: uncapped, the ready replica asks for all it can get (2000 m, still short of the
     # 3.1 cores it needs alone). With bridge_cost_cap the bridge may not exceed max(current 1000 m,
-    # 1 x 2000 m / 2 replicas = 1000 m), but never goes below the steady plan for 2 replicas (1600 m).
+    # 1 x 2000 m / 2 replicas = 1000 m, the steady plan for 2 replicas 1600 m).
     o = obs(31.0, budgets=(1000.0,) * 50, current=Decision(1000, 1, replicas=1))
     d = joint().decide(o)
     assert (d.replicas, d.cpu_m, d.feasible) == (2, 2000, False)
@@ -597,7 +661,7 @@ def test_fa2_one_core_replicas_for_the_load() -> None:
 
 # --------------------------------------------------------------------------------------------- registry
 def test_registry_builds_every_policy() -> None:
-    assert set(POLICY_NAMES) == {"static", "paper", "sponge", "joint", "vpa", "hpa", "fa2"}
+    assert set(POLICY_NAMES) == {"static", "paper", "sponge", "joint", "vpa", "hpa", "fa2", "themis"}
     o = obs(10.0, queue=(250.0, 280.0), usage=(500.0,))
     for name in POLICY_NAMES:
         p = make_policy(name, TOY)

@@ -18,6 +18,7 @@ from sponge.policy.paper import PaperOptimizer
 from sponge.policy.predictors import EWMA, MaxWindow, Predictor, Reactive, WindowMean, make_predictor
 from sponge.policy.registry import POLICY_NAMES, make_policy
 from sponge.policy.sponge_opt import SpongeOptimizer
+from sponge.policy.themis import ThemisPolicy
 from sponge.policy.types import Decision, Observation, Policy
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "Reactive",
     "SpongeOptimizer",
     "StaticPolicy",
+    "ThemisPolicy",
     "VPALikePolicy",
     "WindowMean",
     "Workload",

@@ -9,6 +9,7 @@ from sponge.policy.baselines import FA2LikePolicy, HPALikePolicy, StaticPolicy, 
 from sponge.policy.joint import JointOptimizer
 from sponge.policy.paper import PaperOptimizer
 from sponge.policy.sponge_opt import SpongeOptimizer
+from sponge.policy.themis import ThemisPolicy
 from sponge.policy.types import Policy
 
 _FACTORIES: dict[str, Callable[[LatencyModel, dict[str, Any]], Policy]] = {
@@ -19,13 +20,14 @@ _FACTORIES: dict[str, Callable[[LatencyModel, dict[str, Any]], Policy]] = {
     "vpa": lambda model, p: VPALikePolicy(**p),
     "hpa": lambda model, p: HPALikePolicy(**p),
     "fa2": lambda model, p: FA2LikePolicy(model, **p),
+    "themis": lambda model, p: ThemisPolicy(model, **p),
 }
 
 POLICY_NAMES: tuple[str, ...] = tuple(_FACTORIES)
 
 
 def make_policy(name: str, model: LatencyModel, **params: Any) -> Policy:
-    """A fresh policy object by name (static, paper, sponge, joint, vpa, hpa, fa2) with its parameters.
+    """A fresh policy object by name (static, paper, sponge, joint, vpa, hpa, fa2, themis) with its parameters.
 
     Policies with state (hysteresis, histograms, sync timers) must not be shared between runs: call this
     once per run. Unknown parameters raise TypeError, unknown names ValueError.
