@@ -671,9 +671,9 @@ class Simulator:
         if now >= self.req.duration_ms and (self._ended == self.n or now >= self.req.duration_ms + cfg.max_drain_ms):
             return False
         d = self.policy.decide(obs)
-        if cfg.keep_explanations:
-            self.decisions.append((now, d))
         self._apply(d, now)
+        if cfg.keep_explanations:  # as applied: with nodes, a refused scale-out or a CPU cut says so
+            self.decisions.append((now, self.current))
         self._push(now + cfg.interval_ms, _TICK)
         return True
 
