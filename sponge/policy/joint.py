@@ -44,7 +44,7 @@ from sponge.perf.latency_model import LatencyModel
 from sponge.policy.allocation import LeastAllocation, Plan
 from sponge.policy.demand import DeadlineDemand
 from sponge.policy.envelope import EnvelopeState, LoadEnvelope, LoadForecast
-from sponge.policy.feasibility import Workload, worst_slack_ms
+from sponge.policy.feasibility import Workload, latency_bounds_ms, worst_slack_ms
 from sponge.policy.hysteresis import DownscaleStabilizer, stabilise
 from sponge.policy.margins import MarginState, ModelErrorMargin
 from sponge.policy.sponge_opt import backlog_summary, budget_summary
@@ -132,15 +132,24 @@ class ReplicaPlanner:
         """n in [lo, hi] minimising n * (c_n + overhead_m) for the forecast arrivals: feasible plans first,
         then the fewest jobs given up, then the least total, then the fewest replicas."""
         lo = min(max(lo, self.fewest(forecast.rate_rps)), hi)
-        best: tuple[tuple[int, int, int, int], ReplicaChoice] | None = None
         pooled = self.workload(obs, forecast, safety, backlog=False)
+        a = self.alloc
+        ns = np.arange(lo, hi + 1)
+        bounds = np.stack([latency_bounds_ms(share_of(pooled, int(n)), a.max_batch, a.blocking) for n in ns])
+        first = a.first_feasible(bounds).min(axis=1)  # one table lookup for every n
+        feasible = first < a.grid.size
+        if feasible.any():
+            total = np.where(feasible, ns * (a.grid[np.minimum(first, a.grid.size - 1)] + overhead_m),
+                             np.iinfo(np.int64).max)
+            n = int(ns[int(np.argmin(total))])  # argmin: the first of equal totals, i.e. the fewest replicas
+            return ReplicaChoice(n, self.plan(n, obs, forecast, safety, pooled=pooled))
+        # nothing is feasible: the fewest jobs given up, then the least total, then the fewest replicas
+        best: tuple[tuple[int, int, int, int], ReplicaChoice] | None = None
         for n in range(lo, hi + 1):
             p = self.plan(n, obs, forecast, safety, pooled=pooled)
             key = (0 if p.feasible else 1, p.given_up, n * (p.cpu_m + overhead_m), n)
             if best is None or key < best[0]:
                 best = (key, ReplicaChoice(n, p))
-            if p.feasible and n * (self.alloc.min_cpu_m + overhead_m) > best[0][2]:
-                break  # no larger n can be cheaper: each costs at least min_cpu_m + overhead
         assert best is not None
         return best[1]
 
