@@ -117,7 +117,8 @@ def test_registry_and_simulator_run_themis() -> None:
     assert r.attainment > 0.95
 
 
-@pytest.mark.parametrize("bad", [dict(stable_window=0), dict(stable_tolerance=-0.1), dict(min_replicas=3, max_replicas=2)])
+@pytest.mark.parametrize("bad", [dict(stable_window=0), dict(stable_tolerance=-0.1),
+                                 dict(min_replicas=3, max_replicas=2)])
 def test_invalid_parameters(bad: dict) -> None:
     with pytest.raises(ValueError):
         ThemisPolicy(D, **bad)
