@@ -28,7 +28,7 @@ class DeadlineDemand:
 
     def __init__(self, floor_ms: float, *, arrival_eps: float | None = 0.005, burst_z: float = 1.0) -> None:
         """arrival_eps: the chance per interval of a burst beyond the plan (None: the Gaussian allowance
-        of `burst_z` standard deviations, the earlier rule JointOptimizer keeps)."""
+        of `burst_z` standard deviations, the earlier rule, kept for comparison)."""
         if arrival_eps is not None and not 0.0 < arrival_eps < 1.0:
             raise ValueError("arrival_eps must be in (0, 1), or None for the Gaussian allowance")
         if burst_z < 0 or floor_ms < 0:

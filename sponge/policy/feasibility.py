@@ -15,7 +15,7 @@ The rule ("EDF batch rule"), for one replica serving batches of at most `b` at `
        P(Gamma(i+1) <= n(L)). Job i is placed at the deadline it beats with probability eps only,
        n^-1(gammaincinv(i+1, eps)) (poisson_envelope), and there are as many jobs as the upper
        (1 - eps)-quantile of the count: a burst as early and as large as happens with probability eps;
-     - Gaussian allowance (`burst_z`, the earlier rule, still used by JointOptimizer): the count is
+     - Gaussian allowance (`burst_z`, the earlier rule, kept for comparison): the count is
        inflated to n + z*sqrt(n), and there is always one job at the tightest budget.
      Every deadline is multiplied by `safety` (0.9, the paper's margin for model error).
      Arrivals are generated up to one interval plus the largest budget: every arrival of the next
