@@ -1,8 +1,9 @@
-"""Decoding infer bodies where they do not hold up the event loop (issue 9).
+"""Decoding infer bodies where they do not hold up the event loop (issues 9 and 13).
 
-A thread is not enough for JSON: `orjson.loads` and `np.asarray(list)` are single C calls that hold the
-GIL for the whole parse (~5-9 ms per MiB of JSON on this 2-core host, busy), so the event loop waits
-about as long as if it had decoded inline. Measured (`decode ms / longest loop stall ms`, busy host):
+A thread is not enough for JSON: the parse is a single C call that holds the GIL throughout (orjson and
+`np.asarray(list)` before issue 13; simdjson's parse and `as_buffer` now, `sponge/protocol/json_tensor.py`),
+so the event loop waits about as long as if it had decoded inline. Measured before issue 13 (orjson,
+`decode ms / longest loop stall ms`, busy host):
 
     body               inline         thread         process
     JSON   1 MiB       5.5 / 5.6      6.1 / 6.1      9.0 / 1.3
@@ -12,12 +13,29 @@ about as long as if it had decoded inline. Measured (`decode ms / longest loop s
     binary FP32 37 MiB 0.1 / 1.3     0.3 / 1.5    254   / 25     (zero-copy: never worth a hop)
     binary BYTES 11 MiB 270 / 271   280   / 11     654   / 52     (a Python loop: threads interleave)
 
+Re-measured with simdjson (issue 13; FP32 JSON from `bench/json_decode.py --loop`, the others by hand;
+quiet host, so not comparable digit for digit with the table above):
+
+    body                     inline         thread         process
+    JSON UINT8 image 0.5 MiB  2.2 / 3.4      2.6 / 2.3      4.7 / 1.4
+    JSON FP32 image 2.8 MiB   3.6 / 4.7      4.1 / 3.8      8.5 / 1.4
+    JSON 1 MiB of digits      4.7 / 5.9      5.2 / 4.5      7.3 / 1.3    (the densest numbers: ~4.5 ms/MiB)
+    JSON FP32 16 MiB         30   / 30      48   / 40      70   / 4.6
+    JSON FP32 63 MiB        153   / 153    158   / 131    766   / 44
+
+The decoder is 3-6x faster, but still holds the GIL: a thread stalls the loop for the whole decode,
+so the helper process is still what keeps the loop responsive for large JSON (16 MiB: 4.6 ms of stall
+instead of 30-40). The thresholds stay: below 1 MiB the worst case (single-digit numbers) stalls
+~5 ms on a thread, about what the old decoder's 1 MiB did; a 224x224x3 UINT8 image (0.5 MiB) now
+stalls 2.3 ms instead of ~6.
+
 So:
 * body < `thread_bytes` (256 KiB): inline; a stall of at most ~1.5 ms, where a hop would cost more;
 * JSON part (the whole body, or the `Inference-Header-Content-Length` header) >= `process_json_bytes`
   (1 MiB): in a child process, where the GIL is its own; the parent only copies bytes in and arrays
-  out (that request pays +3.5 ms at 1 MiB, +50 ms at 16 MiB; the loop ~0.6 ms of stall per MiB).
-  The parse's memory peak (Python objects: ~30 bytes per JSON number) is then outside the front door;
+  out (that request pays +2.5 ms at 1 MiB, +5 ms for a 2.8 MiB FP32 image, +40 ms at 16 MiB; the loop
+  ~0.3 ms of stall per MiB).
+  The parse's memory peak is then outside the front door;
 * otherwise (binary tensors with a small JSON header; JSON of 256 KiB-1 MiB): on a thread.
 
 The child is started on the first body that needs it (~0.4 s) and restarted if it dies.
