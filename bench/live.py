@@ -157,8 +157,8 @@ def main() -> int:
             continue  # no twin: the simulator has no idle prober to learn a model from nothing
         policy = (make_policy_for(cfg, None, cfg.cpu_m, max_cpu_m) if cfg.policy == "static"
                   else make_learning_policy(cfg, profile, cfg.cpu_m, max_cpu_m))
-        # the simulator's default resize delay (15 ms) + decision time (1 ms): what the live per-batch sizer
-        # plans with (sponge.server.per_batch.PER_BATCH_DELAY_MS), so both size alike
+        # the simulator's default resize delay + decision time: what the live per-batch sizer plans with
+        # (sponge.server.per_batch.PER_BATCH_DELAY_MS), so both size alike
         sim = simulate(RequestSet.from_planned(scenario.plan()), truth, policy,
                        SimConfig(interval_ms=cfg.interval_ms, noise_sigma=noise,
                                  max_wait_ms=cfg.max_batch_wait_ms, initial_cpu_m=start_cpu,
