@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+from helpers import Scripted
 
 from sponge.perf.latency_model import LatencyModel
 from sponge.policy import HPALikePolicy, SpongeOptimizer, make_policy
@@ -28,17 +28,6 @@ def cfg(cpu_m: int, batch: int = 1, **kw) -> SimConfig:
     return SimConfig(initial_cpu_m=cpu_m, initial_batch=batch, **kw)
 
 
-@dataclass
-class Scripted:
-    """A test policy: decision k is the one in force after the k-th tick (and it records observations)."""
-
-    script: dict[float, Decision]
-    name: str = "scripted"
-    seen: list[Observation] = field(default_factory=list)
-
-    def decide(self, obs: Observation) -> Decision:
-        self.seen.append(obs)
-        return self.script.get(obs.now_ms, obs.current)
 
 
 # ---- exact, hand-computed cases --------------------------------------------------------------------------

@@ -3,24 +3,19 @@ where present; a constant-rate scenario without network runs anywhere)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 
 from sponge import experiment
+from helpers import run_subcommand
 from markers import needs_data
 from sponge.report.results import read_run
 from sponge.sim import cli as sim_cli
 from sponge.sim.scenario import Deployment, load_model
 
 
-def _run(register, argv: list[str]) -> int:
-    p = argparse.ArgumentParser()
-    sub = p.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = p.parse_args(argv)
-    return args.func(args)
+_run = run_subcommand
 
 
 @pytest.mark.parametrize("scenario", [

@@ -8,15 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import dataclass, field
-
 import numpy as np
 import pytest
+from helpers import Scripted, run_subcommand
 
 from sponge import experiment
 from sponge.perf.latency_model import LatencyModel
 from sponge.policy import make_policy
-from sponge.policy.types import Decision, Observation
+from sponge.policy.types import Decision
 from sponge.report import plots
 from sponge.sim import RequestSet, SimConfig, simulate
 from sponge.sim import cli as sim_cli
@@ -28,17 +27,6 @@ from sponge.workload.scenario import Scenario
 MODEL = LatencyModel(g=100.0, d=0.0, e=0.0, h=20.0)
 
 
-@dataclass
-class Scripted:
-    """Decision k is the one in force after the tick at k ms; otherwise the decision in force."""
-
-    script: dict[float, Decision]
-    name: str = "scripted"
-    seen: list[Observation] = field(default_factory=list)
-
-    def decide(self, obs: Observation) -> Decision:
-        self.seen.append(obs)
-        return self.script.get(obs.now_ms, obs.current)
 
 
 def _idle(duration_ms: float) -> RequestSet:
@@ -159,12 +147,7 @@ def test_oracle_is_feasible_under_the_top_rate():
 
 
 # ---- the reports -------------------------------------------------------------------------------------------
-def _run(register, argv: list[str]) -> int:
-    p = argparse.ArgumentParser()
-    sub = p.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = p.parse_args(argv)
-    return args.func(args)
+_run = run_subcommand
 
 
 def test_simulate_json_line_says_infeasible(tmp_path, capsys):
