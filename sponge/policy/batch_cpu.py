@@ -51,7 +51,6 @@ class BatchCpuSizer:
         if search_caps not in ("none", "larger", "all"):
             raise ValueError("search_caps must be none, larger or all")
         self.search_caps = search_caps
-        self._rate = 0.0
         self.keep_up = keep_up
         self.grid = np.asarray(grid_m, dtype=np.int64)
         if self.grid.size == 0 or np.any(np.diff(self.grid) <= 0):
@@ -112,8 +111,8 @@ class BatchCpuSizer:
         rem = np.asarray(queue_remaining_ms[:n], dtype=float)
         img = [int(x) for x in queue_images[:n]]
         saveable = rem >= self.lat[1, top] * inv  # below: beyond saving at any allocation
-        self._rate = recent_rate_rps if self.keep_up else 0.0
-        args = (rem, img, saveable, free, ok, c0, starts_now, delay_ms, inv, serves_late)
+        rate = recent_rate_rps if self.keep_up else 0.0
+        args = (rem, img, saveable, free, ok, c0, starts_now, delay_ms, inv, serves_late, rate)
         if serves_late and not saveable.all():
             # requests beyond saving are queued and will be served anyway, first (EDF): overload. Drain
             # at the top allocation with the cap that loses the fewest of the others.
@@ -162,7 +161,7 @@ class BatchCpuSizer:
 
     def _misses_at_top(self, cap: int, rem: np.ndarray, img: list[int], saveable: np.ndarray, free: np.ndarray,
                        ok: np.ndarray, c0: int, starts_now: bool, delay_ms: float, inv: float,
-                       serves_late: bool) -> int:
+                       serves_late: bool, rate: float) -> int:
         """Saveable queued requests that miss their deadline at the top allocation with batches of `cap`."""
         top = self.grid.size - 1
         lat = self.lat[:, top] * inv
@@ -216,12 +215,12 @@ class BatchCpuSizer:
 
     def _feasible(self, cap: int, rem: np.ndarray, img: list[int], saveable: np.ndarray, free: np.ndarray,
                   ok: np.ndarray, c0: int, starts_now: bool, delay_ms: float, inv: float,
-                  serves_late: bool) -> np.ndarray:
+                  serves_late: bool, rate: float) -> np.ndarray:
         """Per grid allocation: do the queued requests, in greedy EDF batches of at most `cap` images after
         the running batch, all meet their saveable deadlines?"""
         ok = ok.copy()
-        if self._rate > 0:  # a queue served just in time falls behind arrivals faster than a batch
-            ok &= 1000.0 * cap / (self._row(cap) * inv) >= self._rate
+        if rate > 0:  # a queue served just in time falls behind arrivals faster than a batch
+            ok &= 1000.0 * cap / (self._row(cap) * inv) >= rate
         finish = free
         for i, j, images, keep in self._batches(img, cap, saveable, serves_late):
             row = self._row(images) * inv

@@ -312,7 +312,6 @@ class Simulator:
         self.observer = ObservationBuilder(cfg.interval_ms, 0.0, 0, {}, 0.0, history_len=cfg.history_len,
                                            budget_window_ms=cfg.budget_window_ms, max_budgets=cfg.max_budgets,
                                            serves_late=cfg.expiry == ExpiryPolicy.SERVE_LATE.value)
-        self._resizes_per_batch = 0
         self._arrived = 0  # requests arrived so far (the per-batch sizer's last-second rate)
         self._rate_from = 0
         self.timeline: list[TimelineRecord] = []
@@ -561,7 +560,6 @@ class Simulator:
         if cpu == self._cpu_target:
             return
         self._cpu_target = cpu
-        self._resizes_per_batch += 1
         delay = cfg.decision_ms + cfg.resize_delay_ms
         if delay == 0:
             self._resize(int(cpu), now)
