@@ -9,7 +9,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sponge.scheduling.batcher import DEFAULT_MAX_WAIT_MS
 
@@ -47,7 +47,11 @@ class ServerConfig(BaseModel):
     max_batch_wait_ms: float = Field(
         DEFAULT_MAX_WAIT_MS, ge=0, description="longest wait for a fuller batch (slack permitting); 0 = greedy: a free replica takes what is queued"
     )
-    replicas: int = Field(1, ge=1, le=64)
+    replicas: int = Field(1, ge=1, le=64, description="replicas at start (each a worker process in its own cgroup)")
+    max_replicas: int | None = Field(None, ge=1, le=64, description="most replicas the controller may run: above "
+                                     "--replicas, it adds replicas while serving (each pays a real cold start) and "
+                                     "removes them (drained); the default policy is then joint (default: --replicas, "
+                                     "a fixed count)")
     replica_timeout_floor_ms: float = Field(
         2000.0, gt=0, description="watchdog: a replica that has not answered a batch within max(this floor "
         "(scaled up below one core), replica_timeout_factor x the batch's expected latency) is killed and "
@@ -64,7 +68,10 @@ class ServerConfig(BaseModel):
         "100 ms lets a small batch stall for the rest of a period: p99 at 250 m was 86 ms vs 50 ms here)")
     guaranteed: bool = Field(True, description="put replica cgroups under a high-CPU-weight parent, so a replica "
                              "gets its quota even when the front door or neighbours compete (like a Guaranteed pod)")
-    policy: Literal["sponge", "paper", "static"] = "sponge"
+    policy: Literal["sponge", "paper", "static", "joint", "themis", "hpa"] = Field(
+        "sponge", description="sponge: vertical (one replica; CPU per batch); joint: replicas + CPU per replica, "
+        "the default with --max-replicas > 1; themis: the published vertical-then-horizontal rule; hpa: horizontal "
+        "only (Kubernetes HPA-like, --max-cpu-m per replica); paper: the published Sponge rule; static: fixed")
     per_batch: bool = Field(True, description="between two controller decisions, size the replica's CPU per "
                             "batch to the work present (at every arrival, batch start and end: the least CPU "
                             "meeting the queued deadlines, never below the decision, the minimum when idle); "
@@ -83,6 +90,22 @@ class ServerConfig(BaseModel):
     admin_token_file: str | None = Field(None, description="file holding the bearer token for /admin endpoints "
                                          "(read once at start, surrounding whitespace stripped)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> "ServerConfig":
+        """--max-replicas N > 1 makes joint the default policy (horizontal + vertical); below --replicas is
+        an error naming both fields."""
+        if self.max_replicas is not None:
+            if self.max_replicas < self.replicas:
+                raise ValueError(f"max_replicas ({self.max_replicas}) is below replicas ({self.replicas})")
+            if self.max_replicas > 1 and "policy" not in self.model_fields_set:
+                self.policy = "joint"
+        return self
+
+    @property
+    def replica_limit(self) -> int:
+        """The most replicas this server runs (a fixed --replicas unless --max-replicas is above it)."""
+        return self.max_replicas if self.max_replicas is not None else self.replicas
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> "ServerConfig":

@@ -12,7 +12,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from sponge.observe import BUDGET_WINDOW_MS, MAX_BUDGETS, RATE_HISTORY, ObservationBuilder
 from sponge.perf.samples import BatchSample
@@ -35,13 +35,15 @@ class ServingView(Protocol):
 
     def queue_remaining_ms(self, now_ms: float) -> Sequence[float]: ...
 
-    def cpu_usage_ns(self) -> Sequence[int | None]:
-        """Cumulative CPU time of each replica (None where it cannot be measured)."""
+    def cpu_usage_ns(self) -> Sequence[int | None] | Mapping[str, int | None]:
+        """Cumulative CPU time of each replica (None where it cannot be measured); by name where replicas
+        come and go."""
         ...
 
     # Optional (a view without them observes no batches, and bills the decision in force):
     #   take_batches() -> Sequence[BatchSample]: batches served since the last call;
-    #   cpu_allocated_mms(now_ms) -> float: cumulative allocated CPU as applied, all replicas, millicore-ms.
+    #   cpu_allocated_mms(now_ms) -> float: cumulative allocated CPU as applied, all replicas, millicore-ms;
+    #   replicas_starting() -> int: replicas ordered and still in their cold start.
 
 
 class Applier(Protocol):
@@ -88,7 +90,14 @@ class Controller:
                                           self._allocated_mms(now))
 
     def _usage_mms(self) -> dict[object, float | None]:
-        return {i: None if u is None else u / 1000.0 for i, u in enumerate(self.view.cpu_usage_ns())}
+        """Per replica, keyed by name when the view gives a mapping (replicas come and go), else by index."""
+        usage = self.view.cpu_usage_ns()
+        items = usage.items() if isinstance(usage, Mapping) else enumerate(usage)
+        return {k: None if u is None else u / 1000.0 for k, u in items}
+
+    def _replicas_starting(self) -> int:
+        starting = getattr(self.view, "replicas_starting", None)
+        return 0 if starting is None else int(starting())
 
     def _allocated_mms(self, now: float) -> float | None:
         meter = getattr(self.view, "cpu_allocated_mms", None)
@@ -103,7 +112,8 @@ class Controller:
         view = self.view
         budgets = [b if isinstance(b, tuple) else (now, b) for b in view.take_budgets()]
         return self.builder.observe(now, view.arrivals_total(), budgets, view.queue_remaining_ms(now),
-                                    self._usage_mms(), self.current, batches=self._batches(),
+                                    self._usage_mms(), self.current, replicas_starting=self._replicas_starting(),
+                                    batches=self._batches(),
                                     allocated_mms=self._allocated_mms(now))
 
     def tick(self) -> DecisionLogEntry:

@@ -39,7 +39,8 @@ _ANY_OBJECT: dict[str, Any] = {"type": "object"}
 _REPLICAS = {"type": "object", "required": ["replicas", "batch", "queue_length"], "properties": {
     "replicas": {"type": "array", "items": {"type": "object", "properties": {
         "name": {"type": "string"}, "pid": {"type": ["integer", "null"]}, "ready": {"type": "boolean"},
-        "threads": {"type": "integer"}, "cpu_m": {"type": "integer"}, "restarts": {"type": "integer"}}}},
+        "threads": {"type": "integer"}, "cpu_m": {"type": "integer"}, "restarts": {"type": "integer"},
+        "state": {"type": "string", "enum": ["starting", "ready", "draining"]}}}},
     "batch": {"type": "integer"}, "queue_length": {"type": "integer"}}}
 _RESIZED = {"type": "object", "required": ["replica", "cpu_m", "threads", "apply_ms"], "properties": {
     "replica": {"type": "string"}, "cpu_m": {"type": "integer"}, "threads": {"type": "integer"},
@@ -73,7 +74,8 @@ def install_admin(app: FastAPI, core: ServingCore, token: str | None, scaler: Re
             return resp
         return {"replicas": [
             {"name": r.name, "pid": r.pid, "ready": r.ready, "threads": r.threads,
-             "cpu_m": core.cpu_m[r.name], "restarts": r.restarts} for r in core.replicas],
+             "cpu_m": core.cpu_m[r.name], "restarts": r.restarts,
+             "state": core.state.get(r.name, "ready")} for r in core.replicas],
             "batch": core.batcher.batch_size, "queue_length": len(core.queue)}
 
     @app.put("/admin/replicas/{name}/cpu", tags=["admin"], summary="Resize a replica in place: {\"cpu_m\": N}",

@@ -159,7 +159,7 @@ def create_app(core: ServingCore, *, max_body_bytes: int, default_slo_ms: float,
     async def model_metadata(model_name: str, version: str | None = None) -> Response:
         if (resp := model_known(model_name)) is not None:
             return resp
-        r = core.replicas[0]
+        r = core.spec_replica
         doc = {"name": name, "versions": ["1"], "platform": "onnxruntime_onnx",
                "inputs": [_spec_doc(s) for s in r.inputs], "outputs": [_spec_doc(s) for s in r.outputs]}
         return Response(orjson.dumps(doc), media_type="application/json")
@@ -188,7 +188,7 @@ def create_app(core: ServingCore, *, max_body_bytes: int, default_slo_ms: float,
         except BodyTooLarge as exc:
             metrics.requests.labels(name, "invalid").inc()
             return error(413, str(exc))
-        replica = core.replicas[0]
+        replica = core.spec_replica
         try:
             hl = header_length(request.headers.get(HEADER_LENGTH))
             limits = Limits(replica.inputs, max_request_batch, max_request_elements)

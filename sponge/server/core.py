@@ -9,7 +9,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -28,6 +28,10 @@ MAX_BATCH_SAMPLES = 10_000  # served batches kept for the controller between two
 
 __all__ = ["ServingCore", "Pending", "Served", "DeadlineExpired", "ServerBusy", "InferenceFailed", "ShuttingDown",
            "QueueFull", "shape_key"]
+
+STARTING, READY, DRAINING = "starting", "ready", "draining"
+REPLICA_STATES = (STARTING, READY, DRAINING)
+FINISH_FIRST_SLACK_MS = 0.5  # a busy replica must beat a free one by more than this to be waited for
 
 STOP_KILL_AFTER_S = 3.0  # at shutdown, a replica not stopped this long after "stop" is SIGKILLed (its own
 # stop() kills it after STOP_JOIN_S = 2 s already; this bounds the whole)
@@ -162,7 +166,16 @@ class ServingCore:
         self.resizes: dict[str, int] = {r.name: 0 for r in replicas}  # resizes so far, per replica
         self.version = 0  # bumped whenever the queue or the running work changes (the sizer skips otherwise)
         self.arrival_times: deque[float] = deque()  # the last second's arrivals (kept while a sizer is set)
+        # Replica lifecycle (add_replica / remove_replica): starting (cold start: no work), ready, draining
+        # (finishes its batch in flight, takes no new one, then stops). `replicas` holds every live one.
+        self.state: dict[str, str] = {r.name: READY for r in replicas}
+        self._cold_starts: dict[str, asyncio.Task[None]] = {}
+        self.cold_start_s: deque[float] = deque(maxlen=64)  # measured cold starts (process, model, warm-up)
+        self.on_replica_gone: Callable[[Replica], None] | None = None  # removed/failed: release its actuator
+        self.on_replica_ready: Callable[[Replica], None] | None = None
+        self._spec: Replica | None = None  # a replica whose model metadata (inputs, outputs) is known
         metrics.configured_batch.labels(model_name).set(batch)
+        self._count_states()
 
     # ---- admission -------------------------------------------------------------------------
     def submit(self, inputs: dict[str, np.ndarray], items: int, budget: Budget, arrival_ms: float) -> Pending:
@@ -277,8 +290,8 @@ class ServingCore:
 
     def _free_at(self, now: float) -> list[float]:
         """When each replica that can serve frees (now when idle); every replica at now if none is ready."""
-        free = [max(now, self._busy_until.get(r.name, now)) for r in self.replicas if r.ready]
-        return free or [now] * len(self.replicas)
+        free = [max(now, self._busy_until.get(r.name, now)) for r in self.serving()]
+        return free or [now] * max(1, len(self.replicas))
 
     def _admit(self, items: int, budget: Budget, now: float) -> None:
         """Refuse at once (ServerBusy 503 / DeadlineExpired 504) a request that would not finish by its
@@ -318,20 +331,162 @@ class ServingCore:
         if self._closing:
             return False
         now = self.clock()
-        for r in self.replicas:
+        for r in self.serving():
             task = self._dispatch.get(r.name)
             if r.ready and (task is None or not task.done()) and now <= self._overdue_at.get(r.name, math.inf):
                 return True
         return False
 
+    # ---- replicas come and go ------------------------------------------------------------------
+    @property
+    def spec_replica(self) -> Replica:
+        """A replica whose model metadata is known (any: they serve one model), for validation."""
+        if self._spec is None or not self._spec.inputs:
+            self._spec = next((r for r in self.replicas if r.inputs), self.replicas[0])
+        return self._spec
+
+    def serving(self) -> list[Replica]:
+        """Replicas that take new work: ready and not draining."""
+        return [r for r in self.replicas if self.state.get(r.name) == READY and r.ready]
+
+    def states(self) -> dict[str, int]:
+        """How many replicas are starting, ready and draining."""
+        counts = dict.fromkeys(REPLICA_STATES, 0)
+        for r in self.replicas:
+            counts[self.state.get(r.name, READY)] += 1
+        return counts
+
+    def _count_states(self) -> None:
+        for st, n in self.states().items():
+            self.metrics.replica_states.labels(st).set(n)
+
+    def add_replica(self, replica: Replica, cpu_m: int, warm_up: Callable[[Replica], Any] | None = None) -> None:
+        """Start a new replica while serving: it pays its cold start (process, model load, `warm_up`) and gets
+        no work until it is ready; then it gets its own dispatch loop. A failed start is logged and the
+        replica dropped (`on_replica_gone`): the controller asks again if it still wants it."""
+        if self._closing:
+            raise RuntimeError("server is shutting down")
+        if any(r.name == replica.name for r in self.replicas):
+            raise ValueError(f"a replica named {replica.name} exists")
+        self.replicas.append(replica)
+        self.state[replica.name] = STARTING
+        self.cpu_m[replica.name] = cpu_m
+        self.resizes.setdefault(replica.name, 0)
+        self._count_states()
+        task = asyncio.create_task(self._cold_start(replica, warm_up), name=f"cold-start-{replica.name}")
+        self._cold_starts[replica.name] = task
+
+    async def _cold_start(self, replica: Replica, warm_up: Callable[[Replica], Any] | None) -> None:
+        t0 = time.monotonic()
+        try:
+            await replica.start()
+            if warm_up is not None:
+                await warm_up(replica)
+        except asyncio.CancelledError:  # removed while starting (or shutdown): no orphan process
+            await self._stop_replica(replica)
+            self._forget(replica)
+            raise
+        except Exception:
+            log.exception("replica %s failed to start: dropped", replica.name)
+            self.metrics.replica_start_failures.inc()
+            await self._stop_replica(replica)
+            self._forget(replica)
+            return
+        finally:
+            self._cold_starts.pop(replica.name, None)
+        took = time.monotonic() - t0
+        self.cold_start_s.append(took)
+        self.metrics.cold_start.observe(took)
+        if self.state.get(replica.name) != STARTING or self._closing:  # removed meanwhile: drain (nothing to)
+            await self._stop_replica(replica)
+            self._forget(replica)
+            return
+        self.state[replica.name] = READY
+        self._count_states()
+        log.info("replica %s ready after a cold start of %.2f s", replica.name, took)
+        if self.on_replica_ready is not None:
+            self.on_replica_ready(replica)
+        self._start_dispatch(replica)
+        self.version += 1
+        self._wakeup.set()
+
+    def remove_replica(self, name: str) -> None:
+        """Take a replica out while serving: a starting one is cancelled (its process stopped); a ready one
+        drains — it finishes the batch in flight (answered as usual), takes no new work, then stops. Nothing
+        queued is lost: the queue is shared, the other replicas serve it. The last serving replica is kept."""
+        replica = next((r for r in self.replicas if r.name == name), None)
+        if replica is None:
+            raise KeyError(f"no replica named '{name}'")
+        st = self.state.get(name)
+        if st == DRAINING:
+            return
+        if st == READY and len(self.serving()) <= 1 and replica in self.serving():
+            raise ValueError("the last serving replica cannot be removed")
+        self.state[name] = DRAINING
+        self._count_states()
+        cold = self._cold_starts.get(name)
+        if cold is not None:
+            cold.cancel()
+            return
+        self.version += 1
+        self._wakeup.set()  # its dispatch loop sees the drain at once when idle
+
+    async def _retire(self, replica: Replica) -> None:
+        """After its dispatch loop ended on a drain: stop the process, forget the replica."""
+        await self._stop_replica(replica)
+        self._forget(replica)
+        log.info("replica %s removed (drained)", replica.name)
+
+    def _forget(self, replica: Replica) -> None:
+        if replica in self.replicas:
+            self.replicas.remove(replica)
+        for d in (self.state, self.cpu_m, self._busy_until, self._overdue_at, self.running, self._dispatch):
+            d.pop(replica.name, None)
+        self.probing.discard(replica.name)
+        if self._spec is replica:
+            self._spec = None
+        self._count_states()
+        self.version += 1
+        if self.on_replica_gone is not None:
+            try:
+                self.on_replica_gone(replica)
+            except Exception:
+                log.exception("releasing replica %s failed", replica.name)
+
+    def _finishes_first_elsewhere(self, replica: Replica, now: float) -> float | None:
+        """The dispatcher sends a batch to the replica that finishes it first (by the latency model and each
+        replica's allocation): when a busy replica with more CPU, freeing soon, would still finish the batch
+        at the queue's head before this free one, this one leaves it (the queue holding no more than the
+        batches those replicas will take). Returns when to look again (the other's expected free time), or
+        None to serve now. Only a replica expected to free in the future counts: one past its expected end
+        has an unknown end, and waiting on it could wait forever."""
+        others = [r for r in self.serving() if r is not replica]
+        if not others:
+            return None
+        images = min(self.queue.images, self.batcher.batch_size)
+        if images <= 0:
+            return None
+        mine = now + self.latency_ms(images, self.cpu_m[replica.name])
+        better = [(self._busy_until[r.name], r) for r in others
+                  if self._busy_until.get(r.name, now) > now
+                  and self._busy_until[r.name] + self.latency_ms(images, self.cpu_m[r.name]) + FINISH_FIRST_SLACK_MS
+                  < mine]
+        if not better or self.queue.images > len(better) * self.batcher.batch_size:
+            return None
+        return min(t for t, _ in better)
+
     # ---- dispatch ---------------------------------------------------------------------------
     def start(self) -> None:
         for r in self.replicas:
-            r.on_death = lambda _r: self._wakeup.set()
-            task = asyncio.create_task(self._serve(r), name=f"dispatch-{r.name}")
-            self._dispatch[r.name] = task
-            self._tasks.append(task)
+            self._start_dispatch(r)
         self._tasks.append(asyncio.create_task(self._deadline_timer(), name="deadline-timer"))
+
+    def _start_dispatch(self, replica: Replica) -> None:
+        replica.on_death = lambda _r: self._wakeup.set()
+        task = asyncio.create_task(self._serve(replica), name=f"dispatch-{replica.name}")
+        self._dispatch[replica.name] = task
+        self._tasks = [t for t in self._tasks if not t.done()]  # bounded: replicas come and go
+        self._tasks.append(task)
 
     async def close(self) -> None:
         """Stop serving, bounded in time: refuse new requests, answer the queue and the batches in flight
@@ -345,15 +500,16 @@ class ServingCore:
     async def _close(self) -> None:
         self._closing = True
         self._wakeup.set()
-        for t in self._tasks:
+        cold = list(self._cold_starts.values())
+        for t in [*self._tasks, *cold]:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *cold, return_exceptions=True)
         while self.queue:
             e = self.queue.pop()
             if not e.payload.future.done():
                 e.payload.future.set_exception(ShuttingDown("server is shutting down"))
         self.metrics.queue_length.labels(self.model_name).set(0)
-        await asyncio.gather(*(self._stop_replica(r) for r in self.replicas))
+        await asyncio.gather(*(self._stop_replica(r) for r in list(self.replicas)))
 
     async def _stop_replica(self, replica: Replica) -> None:
         try:
@@ -381,14 +537,17 @@ class ServingCore:
 
     async def _serve(self, replica: Replica) -> None:
         """The replica's dispatch loop. Nothing but shutdown ends it: an unexpected error while forming or
-        running a batch fails that batch's requests (in `_execute`) or is logged and counted here."""
-        while not self._closing:
+        running a batch fails that batch's requests (in `_execute`) or is logged and counted here. A drain
+        (remove_replica) ends it between two batches; the replica is then stopped and forgotten."""
+        while not self._closing and self.state.get(replica.name) != DRAINING:
             try:
                 await self._serve_once(replica)
             except Exception:
                 log.exception("dispatch loop of replica %s: unexpected error (the loop goes on)", replica.name)
                 self.metrics.dispatch_errors.labels(self.model_name).inc()
                 await asyncio.sleep(0.01)  # never a hot loop if the error repeats
+        if not self._closing and self.state.get(replica.name) == DRAINING:
+            await self._retire(replica)
 
     async def _serve_once(self, replica: Replica) -> None:
         if not replica.ready:
@@ -409,6 +568,15 @@ class ServingCore:
                 pass
             return
         now = self.clock()
+        if self.queue and len(self.replicas) > 1:
+            until = self._finishes_first_elsewhere(replica, now)
+            if until is not None:  # a faster replica, freeing soon, takes the head batch
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), max(0.0, (until - now) / 1000.0) + 0.001)
+                except TimeoutError:
+                    pass
+                return
         if self.queue:
             self.size_batch(now)  # before the batch is formed: its cap and its CPU
         action = self.batcher.next_action(self.queue, now)

@@ -9,6 +9,7 @@ from sponge.perf.samples import BatchSample
 from sponge.policy.types import Decision
 from sponge.server.core import ServingCore
 from sponge.server.per_batch import PerBatchSizer
+from sponge.server.pool import ReplicaPool
 from sponge.server.scaler import ReplicaScaler
 
 log = logging.getLogger("sponge.live")
@@ -40,33 +41,39 @@ class LiveView:
     def queue_remaining_ms(self, now_ms: float) -> Sequence[float]:
         return self.core.queue.remaining_ms(now_ms)
 
-    def cpu_usage_ns(self) -> Sequence[int | None]:
-        return [self.scaler.cpu_usage_ns(r.name) for r in self.core.replicas]
+    def cpu_usage_ns(self) -> dict[str, int | None]:
+        return {r.name: self.scaler.cpu_usage_ns(r.name) for r in self.core.replicas}
+
+    def replicas_starting(self) -> int:
+        return self.core.states()["starting"]
 
 
 class LiveApplier:
-    """Applies decisions in place: resize every replica, set the batch size. While the policy sizes CPU per
+    """Applies decisions: the replica count (ReplicaPool: new replicas start, removed ones drain; without a
+    pool the count is fixed), every replica resized in place, the batch size. While the policy sizes CPU per
     batch (`per_batch`, sponge.server.per_batch) the CPU is left to it: the decision is its floor, applied
     by `PerBatchSizer.decided` right after (serve.py's on_decision), not first down to the floor and then
     back up for the batch in flight."""
 
     def __init__(self, core: ServingCore, scaler: ReplicaScaler, max_batch: int,
-                 per_batch: PerBatchSizer | None = None) -> None:
+                 per_batch: PerBatchSizer | None = None, pool: ReplicaPool | None = None) -> None:
         self.core = core
         self.scaler = scaler
         self.max_batch = max_batch
         self.per_batch = per_batch
+        self.pool = pool
         self._warned_replicas = False
 
     def apply(self, decision: Decision) -> None:
         cpu_m = min(max(decision.cpu_m, self.scaler.min_cpu_m), self.scaler.max_cpu_m)
+        if self.pool is not None:  # first the count (new replicas start at the decision's CPU), then CPU
+            self.pool.scale_to(decision.replicas, cpu_m)
         if self.per_batch is not None and self.core.sizes_per_batch:
             self.per_batch.deferred = True
         elif any(self.core.cpu_m[r.name] != cpu_m for r in self.core.replicas):
             self.scaler.resize_all(cpu_m)
         self.core.set_batch(min(max(1, decision.batch), self.max_batch))
-        if decision.replicas != len(self.core.replicas) and not self._warned_replicas:
+        if self.pool is None and decision.replicas != len(self.core.replicas) and not self._warned_replicas:
             self._warned_replicas = True
-            log.warning("policy asked for %d replicas; the local server runs a fixed %d (horizontal scaling "
-                        "is simulated and done by Kubernetes in a cluster)", decision.replicas,
-                        len(self.core.replicas))
+            log.warning("policy asked for %d replicas; this server runs a fixed %d (--max-replicas N lets it "
+                        "add and remove replicas)", decision.replicas, len(self.core.replicas))

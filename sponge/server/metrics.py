@@ -44,7 +44,14 @@ class Metrics:
         self.configured_batch = Gauge("sponge_batch_size_target", "Batch size in force", ["model"], registry=r)
         self.cpu = Gauge("sponge_replica_cpu_millicores", "CPU allocated per replica", ["replica"], registry=r)
         self.threads = Gauge("sponge_replica_threads", "Runtime threads per replica", ["replica"], registry=r)
-        self.replicas = Gauge("sponge_replicas", "Replicas running", registry=r)
+        self.replica_states = Gauge("sponge_replicas", "Replicas by state: starting (cold start, no work yet), "
+                                    "ready (serving), draining (finishing its batch before it stops)", ["state"],
+                                    registry=r)
+        self.cold_start = Histogram("sponge_replica_cold_start_seconds", "Time from ordering a replica to its first "
+                                    "work: process start, model load and warm-up", buckets=(0.25, 0.5, 1, 2, 3, 5, 10,
+                                                                                            20, 60), registry=r)
+        self.replica_start_failures = Counter("sponge_replica_start_failures", "New replicas that failed to start "
+                                              "(dropped; the controller asks again if it still wants them)", registry=r)
         self.replica_restarts = Counter("sponge_replica_restarts", "Replica processes restarted after dying",
                                         ["replica"], registry=r)
         self.dispatch_errors = Counter("sponge_dispatch_errors", "Unexpected errors in a dispatch loop (the "

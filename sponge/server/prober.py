@@ -154,7 +154,7 @@ class IdleProber:
         """One look: probe one cell on one idle replica if everything is quiet."""
         if not self._quiet():
             return None
-        replica = next((r for r in self.core.replicas if r.ready and not r.busy), None)
+        replica = next((r for r in self.core.serving() if not r.busy), None)
         if replica is None:
             return None
         cell = self._pick()

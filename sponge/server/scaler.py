@@ -60,6 +60,30 @@ class ReplicaScaler:
         self.allocation = AllocationMeter(core.clock(), {r.name: core.cpu_m[r.name] for r in core.replicas})
         for r in core.replicas:
             r.on_start = self._attach
+        core.on_replica_gone = self._release
+
+    def add(self, replica: Replica, actuator: CpuActuator, cpu_m: int) -> None:
+        """A new replica's actuator (before it starts: its process joins the cgroup when it does). It is
+        billed from now: a starting replica costs its allocation (DESIGN §5), as in the simulator."""
+        self.actuators[replica.name] = actuator
+        replica.on_start = self._attach
+        self.allocation.set(self.core.clock(), replica.name, cpu_m)
+        self.core.metrics.cpu.labels(replica.name).set(cpu_m)
+
+    def _release(self, replica: Replica) -> None:
+        """The replica is gone (drained, or failed to start): its bill stops, its cgroup goes."""
+        self.allocation.set(self.core.clock(), replica.name, None)
+        act = self.actuators.pop(replica.name, None)
+        if act is not None:
+            try:
+                act.close()
+            except Exception:
+                log.exception("closing the actuator of replica %s failed", replica.name)
+        for g in (self.core.metrics.cpu, self.core.metrics.threads):
+            try:
+                g.remove(replica.name)
+            except KeyError:
+                pass
 
     def _attach(self, replica: Replica) -> None:
         """A (re)started replica process joins its cgroup at the allocation in force."""
@@ -79,9 +103,9 @@ class ReplicaScaler:
         act.apply(cpu_m)
         applied = act.current()
         apply_ms = (time.perf_counter() - t0) * 1000
-        replica = next(r for r in self.core.replicas if r.name == name)
+        replica = next((r for r in self.core.replicas if r.name == name), None)
         threads = threads_for(applied)
-        if replica.threads != threads:  # per-batch sizing resizes often, mostly within one thread count
+        if replica is not None and replica.threads != threads:  # per-batch sizing resizes often, mostly within one thread count
             replica.set_threads(threads)
         self.core.note_resize(name, applied)  # before cpu_m changes: the running work's progress so far
         self.core.cpu_m[name] = applied
@@ -98,7 +122,8 @@ class ReplicaScaler:
         return [self.resize(name, cpu_m) for name in self.actuators]
 
     def cpu_usage_ns(self, name: str) -> int | None:
-        usage = getattr(self.actuators[name], "cpu_usage_ns", None)
+        act = self.actuators.get(name)
+        usage = getattr(act, "cpu_usage_ns", None)
         return usage() if usage is not None else None
 
     def close(self) -> None:

@@ -35,6 +35,7 @@ from sponge.server.live import LiveApplier, LiveView
 from sponge.server.memory import IdleTrimmer
 from sponge.server.metrics import Metrics
 from sponge.server.per_batch import PerBatchSizer
+from sponge.server.pool import ReplicaPool
 from sponge.server.prober import IdleProber
 from sponge.server.scaler import NullActuator, ReplicaScaler
 
@@ -134,7 +135,7 @@ ARRIVAL_EPS_WITHOUT_PER_BATCH = 0.005
 
 def sizes_per_batch(cfg: ServerConfig) -> bool:
     """Whether the server sizes CPU per batch between decisions: sponge, one replica, --per-batch."""
-    return cfg.per_batch and cfg.policy == "sponge" and cfg.replicas == 1
+    return cfg.per_batch and cfg.policy == "sponge" and cfg.replica_limit == 1
 
 
 def sponge_params(cfg: ServerConfig, max_cpu_m: int, per_batch: bool) -> dict[str, Any]:
@@ -142,6 +143,18 @@ def sponge_params(cfg: ServerConfig, max_cpu_m: int, per_batch: bool) -> dict[st
     extra: dict[str, Any] = {} if per_batch else {"arrival_eps": ARRIVAL_EPS_WITHOUT_PER_BATCH}
     return {"min_cpu_m": cfg.min_cpu_m, "max_cpu_m": max_cpu_m, "max_batch": cfg.max_batch, "per_batch": per_batch,
             **extra}
+
+
+def joint_params(cfg: ServerConfig, max_cpu_m: int) -> dict[str, Any]:
+    """joint's and themis's parameters on this server: CPU per replica within [min, max], up to
+    --max-replicas replicas, batch up to --max-batch (as `sponge simulate` runs them)."""
+    return {"min_cpu_m": cfg.min_cpu_m, "max_cpu_m": max_cpu_m, "max_batch": cfg.max_batch,
+            "min_replicas": 1, "max_replicas": cfg.replica_limit}
+
+
+def hpa_params(cfg: ServerConfig, max_cpu_m: int) -> dict[str, Any]:
+    """Horizontal only: replicas of a fixed --max-cpu-m each at batch --batch, 1 to --max-replicas."""
+    return {"cpu_m": max_cpu_m, "batch": cfg.batch, "max_replicas": cfg.replica_limit}
 
 
 def make_learning_policy(cfg: ServerConfig, profile: Any, cpu_m: int, max_cpu_m: int) -> LearningPolicy:
@@ -159,10 +172,12 @@ def make_learning_policy(cfg: ServerConfig, profile: Any, cpu_m: int, max_cpu_m:
     def inner(model: Any, safety: float) -> Policy:
         if cfg.policy == "paper":  # the published rule keeps its own constant margin (0.9)
             return make_policy("paper", model, max_cores=max(1, max_cpu_m // 1000), max_batch=cfg.max_batch)
+        if cfg.policy in ("joint", "themis"):
+            return make_policy(cfg.policy, model, safety=safety, **joint_params(cfg, max_cpu_m))
         return make_policy("sponge", model, safety=safety, **sponge_params(cfg, max_cpu_m, per_batch))
 
     def explorer(model: Any, safety: float) -> Policy:
-        if cfg.policy == "paper":
+        if cfg.policy in ("paper", "joint", "themis"):  # the joint rules plan their replica count meanwhile
             return inner(model, safety)
         return make_policy("sponge", model, safety=safety, **sponge_params(cfg, max_cpu_m, False))
 
@@ -172,8 +187,12 @@ def make_learning_policy(cfg: ServerConfig, profile: Any, cpu_m: int, max_cpu_m:
 
 def make_policy_for(cfg: ServerConfig, model: LatencyModel | None, cpu_m: int, max_cpu_m: int) -> Policy:
     """A policy on a fixed latency model (bench/live.py's simulated twins); static without a model."""
+    if cfg.policy == "hpa":
+        return make_policy("hpa", model, **hpa_params(cfg, max_cpu_m))
     if cfg.policy == "static" or model is None:
         return StaticPolicy(cpu_m=cpu_m, batch=cfg.batch, replicas=cfg.replicas)
+    if cfg.policy in ("joint", "themis"):
+        return make_policy(cfg.policy, model, **joint_params(cfg, max_cpu_m))
     if cfg.policy == "paper":
         return make_policy("paper", model, max_cores=max(1, max_cpu_m // 1000), max_batch=cfg.max_batch)
     return make_policy("sponge", model, **sponge_params(cfg, max_cpu_m, sizes_per_batch(cfg)))
@@ -240,9 +259,9 @@ def make_per_batch(cfg: ServerConfig, core: ServingCore, scaler: ReplicaScaler, 
     and end. None otherwise (said in the log when it was asked for but cannot run)."""
     sizer = getattr(policy, "batch_cpu_m", None)
     if sizer is None:
-        if cfg.per_batch and cfg.policy == "sponge" and cfg.replicas > 1:
-            log.warning("per-batch CPU sizes one replica; with %d replicas the CPU follows the controller's "
-                        "decisions only", cfg.replicas)
+        if cfg.per_batch and cfg.policy == "sponge" and cfg.replica_limit > 1:
+            log.warning("per-batch CPU sizes one replica; with up to %d replicas the CPU follows the controller's "
+                        "decisions only", cfg.replica_limit)
         return None
     per_batch = PerBatchSizer(core, sizer, scaler.resize, cfg.min_cpu_m, max_cpu_m, cfg.max_batch)
     core.batch_sizer = per_batch
@@ -274,6 +293,28 @@ def make_prober(cfg: ServerConfig, core: ServingCore, scaler: ReplicaScaler, pol
                       batch_sizes=[b for b in PROBE_BATCHES if b <= cfg.max_batch], expected=expected)
 
 
+def make_pool(cfg: ServerConfig, core: ServingCore, scaler: ReplicaScaler, model_path: str,
+              max_threads: int) -> ReplicaPool | None:
+    """Replicas added and removed while serving (--max-replicas above --replicas), each a worker process in
+    its own cgroup from the same actuator choice as the first ones; None for a fixed count."""
+    if cfg.replica_limit <= cfg.replicas:
+        return None
+
+    def make_actuator(name: str, cpu_m: int) -> CpuActuator:
+        index = int(name[1:]) if name[1:].isdigit() else 0
+        if cfg.actuator == "none":
+            return NullActuator(cpu_m)
+        return open_actuator(name, prefer=cfg.actuator, guaranteed=cfg.guaranteed, period_us=cfg.cfs_period_us,
+                             index=index, replicas=cfg.replica_limit).actuator
+
+    def make_replica(name: str, cpu_m: int) -> Replica:
+        return Replica(name, model_path, threads_for(cpu_m), max_threads)
+
+    log.info("horizontal scaling: %d to %d replicas (each new one pays a real cold start)", cfg.replicas,
+             cfg.replica_limit)
+    return ReplicaPool(core, scaler, make_replica, make_actuator, cfg.replica_limit)
+
+
 def build_app(cfg: ServerConfig) -> FastAPI:
     t0 = time.monotonic()
     admin_token = resolve_admin_token(cfg)
@@ -298,10 +339,13 @@ def build_app(cfg: ServerConfig) -> FastAPI:
     scaler = ReplicaScaler(core, actuators, cfg.min_cpu_m, max_cpu_m)
     kind = next(iter(actuators.values())).kind
     log.warning("CPU actuator: %s — %s", kind, why)
+    pool = make_pool(cfg, core, scaler, str(model_path), max_threads)
     policy: Policy
     prober: IdleProber | None = None
     if cfg.policy == "static":
         policy = StaticPolicy(cpu_m=cpu_m, batch=cfg.batch, replicas=cfg.replicas)
+    elif cfg.policy == "hpa":  # usage-based: no latency model to learn
+        policy = make_policy("hpa", None, **hpa_params(cfg, max_cpu_m))
     else:
         profile, why = load_offline_profile(cfg, model_path)
         policy = make_learning_policy(cfg, profile, cpu_m, max_cpu_m)
@@ -325,17 +369,17 @@ def build_app(cfg: ServerConfig) -> FastAPI:
             entry.explanation += per_batch.take_window()
         trimmer(core.arrivals, len(core.queue))  # after a burst, give its freed memory back to the OS
 
-    controller = Controller(policy, LiveView(core, scaler), LiveApplier(core, scaler, cfg.max_batch, per_batch),
+    controller = Controller(policy, LiveView(core, scaler), LiveApplier(core, scaler, cfg.max_batch, per_batch, pool),
                             Decision(cpu_m, cfg.batch, cfg.replicas), cfg.interval_ms, clock=core.clock,
                             on_decision=on_decision)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.gather(*(r.start() for r in replicas))
-        metrics.replicas.set(len(replicas))
         for r in replicas:
             metrics.cpu.labels(r.name).set(cpu_m)
             metrics.threads.labels(r.name).set(r.threads)
+        core._count_states()
         core.start()
         control_task = asyncio.create_task(controller.run(), name="controller")
         probe_task = asyncio.create_task(prober.run(), name="idle-prober") if prober is not None else None
