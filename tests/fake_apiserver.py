@@ -484,8 +484,9 @@ class FakeCluster:
             return copy.deepcopy(dep)
 
     def _pods_of(self, dep_name: str) -> list[Obj]:
-        sel = self.deployments[dep_name]["spec"]["selector"]["matchLabels"]
-        return [p for p in self.pods.values() if all(p["metadata"]["labels"].get(k) == v for k, v in sel.items())]
+        """The pods this deployment owns (through its ReplicaSet), not every pod its selector matches."""
+        return [p for p in self.pods.values()
+                if any(o.get("name") == f"{dep_name}-rs" for o in p["metadata"].get("ownerReferences", []))]
 
     def _reconcile(self, dep_name: str) -> None:
         """The deployment controller: as many live pods as spec.replicas (newest deleted first)."""
