@@ -39,6 +39,7 @@ import copy
 import itertools
 import json
 import re
+import socket
 import threading
 import time
 import uuid
@@ -290,6 +291,7 @@ class FakeCluster:
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._conns: set[socket.socket] = set()
 
     # -- life cycle --------------------------------------------------------------------------------
 
@@ -316,6 +318,13 @@ class FakeCluster:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+        with self._lock:  # keep-alive connections too: a stopped server answers nothing
+            conns, self._conns = list(self._conns), set()
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def __enter__(self) -> "FakeCluster":
         return self.start()
@@ -366,7 +375,7 @@ class FakeCluster:
     def expire_watches(self) -> None:
         """As an etcd compaction does: end open watches and make every version seen so far too old."""
         with self._lock:
-            self.compacted_rv = self.events[-1].rv if self.events else self.compacted_rv
+            self.compacted_rv = next(self._rv)  # beyond every version handed out so far
             self.events.clear()
             self._watch_epoch += 1
             self._changed.notify_all()
@@ -797,6 +806,21 @@ def _make_handler(cluster: FakeCluster) -> type[BaseHTTPRequestHandler]:
 
         def log_message(self, format: str, *args: Any) -> None:  # quiet: tests read cluster.requests
             pass
+
+        def setup(self) -> None:
+            super().setup()
+            with cluster._lock:
+                if cluster._closed:
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                cluster._conns.add(self.connection)
+
+        def finish(self) -> None:
+            with cluster._lock:
+                cluster._conns.discard(self.connection)
+            try:
+                super().finish()
+            except OSError:
+                pass
 
         def _body(self) -> bytes:
             n = int(self.headers.get("Content-Length") or 0)
