@@ -12,7 +12,8 @@ It serves only what Sponge and those kubectl commands use (found with `kubectl -
   `?watch=true`, from a `resourceVersion`, `timeoutSeconds`; a version older than the kept history is
   an ERROR event carrying a 410 `Expired` Status, as etcd compaction gives), plain PATCH (metadata only:
   a spec change other than an image is refused like the real server), `pods/{name}/resize` GET/PATCH;
-* deployments: get, and `deployments/{name}/scale` GET/PATCH.
+* deployments: get, and `deployments/{name}/scale` GET/PATCH;
+* for kubectl's human output, pods as a server-side `meta.k8s.io/v1` Table (NAME READY STATUS RESTARTS AGE).
 
 Patches: strategic-merge (merge keys for the lists that occur here) and JSON merge patch; others 415.
 
@@ -755,6 +756,30 @@ def _spec_diff(old: Obj, new: Obj) -> str:
     return "\n".join(lines)
 
 
+def _age(ts: str) -> str:
+    secs = max(0, int(time.time() - datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()))
+    return f"{secs}s" if secs < 120 else f"{secs // 60}m"
+
+
+def pod_table(pods: list[Obj], rv: str) -> Obj:
+    """The meta.k8s.io/v1 Table of pods kubectl prints (NAME, READY, STATUS, RESTARTS, AGE)."""
+    cols = [("Name", "string", "name"), ("Ready", "string", ""), ("Status", "string", ""),
+            ("Restarts", "string", ""), ("Age", "string", "")]
+    rows = []
+    for p in pods:
+        cs = p["status"].get("containerStatuses") or []
+        ready = f"{sum(1 for c in cs if c.get('ready'))}/{len(p['spec']['containers'])}"
+        phase = "Terminating" if p["metadata"].get("deletionTimestamp") else p["status"].get("phase", "Pending")
+        meta = {k: v for k, v in p["metadata"].items()}
+        rows.append({"cells": [p["metadata"]["name"], ready, phase, str(sum(c.get("restartCount", 0) for c in cs)),
+                               _age(p["metadata"]["creationTimestamp"])],
+                     "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": meta}})
+    return {"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {"resourceVersion": rv},
+            "columnDefinitions": [{"name": n, "type": t, "format": f, "description": n, "priority": 0}
+                                  for n, t, f in cols],
+            "rows": rows}
+
+
 # -- HTTP -----------------------------------------------------------------------------------------
 
 POD_VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
@@ -891,6 +916,8 @@ def _make_handler(cluster: FakeCluster) -> type[BaseHTTPRequestHandler]:
                 with cluster._lock:
                     items = copy.deepcopy(cluster.list_of(kind, q.get("labelSelector", ""), q.get("fieldSelector", "")))
                     rv = str(cluster.current_rv())
+                if kind == "pods" and self._wants_table():
+                    return self._send(200, pod_table(items, rv))
                 list_kind, api = ("PodList", "v1") if kind == "pods" else ("DeploymentList", "apps/v1")
                 return self._send(200, {"kind": list_kind, "apiVersion": api, "metadata": {"resourceVersion": rv},
                                         "items": items})
@@ -908,7 +935,13 @@ def _make_handler(cluster: FakeCluster) -> type[BaseHTTPRequestHandler]:
                 else:
                     obj = cluster.get_deployment(name)
                 obj = copy.deepcopy(obj)
+            if what == "pod" and method == "GET" and self._wants_table():
+                return self._send(200, pod_table([obj], obj["metadata"]["resourceVersion"]))
             self._send(200, obj)
+
+        def _wants_table(self) -> bool:
+            """kubectl's human output asks for the server-side Table (`as=Table;g=meta.k8s.io`)."""
+            return "as=Table" in self.headers.get("Accept", "")
 
         def _watch(self, kind: str, q: dict[str, str]) -> None:
             self.send_response(200)

@@ -281,6 +281,7 @@ def test_pod_watcher_follows_pods_by_selector(cluster, backend):
         assert sample(backend.metrics, "sponge_k8s_pod_relists_total") == 1  # one list, then only watching
     finally:
         w.stop()
+    assert w._thread is not None and not w._thread.is_alive()  # stop() ends a watch blocked on its stream
 
 
 def test_pod_watcher_relists_after_410_gone_without_missing_a_change(cluster, backend):
@@ -425,6 +426,9 @@ def test_kubectl_scale_deployment(cluster, kubeconfig):
                                            for c in p["status"]["conditions"]) for p in owned)
 
     eventually(ready, what="3 ready pods through kubectl")
+    table = kubectl(kubeconfig, "get", "pods", "-l", "app=sponge-worker").stdout.splitlines()  # the server's Table
+    assert table[0].split() == ["NAME", "READY", "STATUS", "RESTARTS", "AGE"]
+    assert sum(1 for line in table[1:] if line.split()[1:3] == ["1/1", "Running"]) == 4  # w0 and the three
     r = kubectl(kubeconfig, "get", "deployment", "sponge-worker", "-o", "json")
     assert r.returncode == 0 and json.loads(r.stdout)["status"]["readyReplicas"] == 3
 
