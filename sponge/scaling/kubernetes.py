@@ -52,8 +52,8 @@ STRATEGIC = "application/strategic-merge-patch+json"
 MERGE = "application/merge-patch+json"
 # The client's default Content-Type for PATCH is JSON Patch (a list of operations); ours are objects.
 
-RESIZE_STATES = ("applied", "in_progress", "deferred", "infeasible", "pending")
-OUTCOMES = ("requested", "rejected", "error") + RESIZE_STATES[:4]
+# What `sponge_k8s_resizes_total` counts (see K8sMetrics).
+OUTCOMES = ("requested", "rejected", "error", "applied", "in_progress", "deferred", "infeasible")
 
 
 def cpu_m_of(q: str | int | float | None) -> int | None:
@@ -142,6 +142,8 @@ class K8sMetrics:
             "rejected (the API refused it, e.g. a QoS change), error (no answer), then what the kubelet made of "
             "an accepted one: in_progress, deferred, infeasible, applied. A resize counts once in each state "
             "it was seen in (a deferred one that lands later also counts applied)", ["outcome"], registry=r)
+        for outcome in OUTCOMES:  # every outcome shows in /metrics from the start, at 0
+            self.resizes.labels(outcome)
         self.cpu = Gauge("sponge_k8s_pod_cpu_millicores", "CPU of a worker pod's container by source: desired "
                          "(spec), allocated (admitted by the kubelet), actual (in force)", ["pod", "source"],
                          registry=r)
