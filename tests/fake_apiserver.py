@@ -15,7 +15,8 @@ It serves only what Sponge and those kubectl commands use (found with `kubectl -
 * deployments: get, and `deployments/{name}/scale` GET/PATCH;
 * for kubectl's human output, pods as a server-side `meta.k8s.io/v1` Table (NAME READY STATUS RESTARTS AGE).
 
-Patches: strategic-merge (merge keys for the lists that occur here) and JSON merge patch; others 415.
+Patches: strategic-merge (merge keys for the lists that occur here), JSON merge patch and JSON Patch
+(add/replace/remove/test); apply patches are 415.
 
 Rules enforced as Kubernetes 1.33 enforces them (messages in the real Status shape):
 
@@ -169,6 +170,54 @@ def strategic_merge_patch(target: Any, patch: Any, key: str | None = None) -> An
     return copy.deepcopy(patch)
 
 
+def _pointer(path: str) -> list[str]:
+    if not path.startswith("/"):
+        raise ApiError(status_obj(422, "Invalid", f"JSON pointer {path!r} must start with '/'"))
+    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
+
+
+def json_patch(target: Obj, ops: Any) -> Obj:
+    """RFC 6902 JSON Patch, the operations kubectl `--type=json` sends (add, replace, remove, test)."""
+    if not isinstance(ops, list):
+        raise ApiError(status_obj(400, "BadRequest", "json: cannot unmarshal object into Go value of type "
+                                  "jsonpatch.Patch"))
+    doc = copy.deepcopy(target)
+    for op in ops:
+        parts = _pointer(op.get("path", ""))
+        parent: Any = doc
+        try:
+            for k in parts[:-1]:
+                parent = parent[int(k)] if isinstance(parent, list) else parent[k]
+            last = parts[-1]
+            kind = op.get("op")
+            if isinstance(parent, list):
+                idx = len(parent) if last == "-" else int(last)
+                if kind == "add":
+                    parent.insert(idx, op["value"])
+                elif kind == "replace":
+                    parent[idx] = op["value"]
+                elif kind == "remove":
+                    del parent[idx]
+                elif kind == "test" and parent[idx] != op["value"]:
+                    raise ApiError(status_obj(422, "Invalid", f"testing value {op['path']} failed"))
+            elif kind in ("add", "replace"):
+                if kind == "replace" and last not in parent:
+                    raise KeyError(last)
+                parent[last] = op["value"]
+            elif kind == "remove":
+                del parent[last]
+            elif kind == "test":
+                if parent[last] != op["value"]:
+                    raise ApiError(status_obj(422, "Invalid", f"testing value {op['path']} failed"))
+            else:
+                raise ApiError(status_obj(422, "Invalid", f"Unexpected kind: {kind}"))
+        except (KeyError, IndexError, ValueError, TypeError):
+            raise ApiError(status_obj(422, "Invalid", f"the server rejected our request due to an error in our "
+                                      f"request: {op.get('op')} operation does not apply: doc is missing path: "
+                                      f"\"{op.get('path')}\""))
+    return doc
+
+
 def apply_patch(obj: Obj, content_type: str, body: bytes) -> Obj:
     try:
         patch = json.loads(body or b"null")
@@ -179,8 +228,11 @@ def apply_patch(obj: Obj, content_type: str, body: bytes) -> Obj:
         return strategic_merge_patch(obj, patch)
     if ct == "application/merge-patch+json":
         return merge_patch(obj, patch)
-    raise ApiError(status_obj(415, "UnsupportedMediaType",
-                              f"the fake apiserver serves strategic-merge and merge patches only, not {ct!r}"))
+    if ct == "application/json-patch+json":
+        return json_patch(obj, patch)
+    raise ApiError(status_obj(415, "UnsupportedMediaType", f"the body of the request was in an unknown format - "
+                              f"accepted media types include: application/json-patch+json, "
+                              f"application/merge-patch+json, application/strategic-merge-patch+json"))
 
 
 # -- pods -----------------------------------------------------------------------------------------

@@ -105,7 +105,7 @@ def test_apply_resizes_in_place_keeping_guaranteed(cluster, backend):
     cs = pod["status"]["containerStatuses"][0]
     assert cs["allocatedResources"]["cpu"] == "1500m" and cs["resources"]["limits"]["cpu"] == "1500m"
     assert not [c for c in pod["status"]["conditions"] if c["type"].startswith("PodResize")]
-    # the subresource, with a strategic merge patch (the client's default would be a JSON Patch)
+    # the subresource, with a strategic merge patch
     assert ("PATCH", f"/api/v1/namespaces/{NS}/pods/w0/resize", "application/strategic-merge-patch+json") in cluster.requests
     m = backend.metrics
     assert sample(m, "sponge_k8s_resizes_total", outcome="requested") == 1
@@ -408,6 +408,15 @@ def test_kubectl_plain_patch_of_cpu_is_refused_like_the_real_server(cluster, kub
     r = kubectl(kubeconfig, "patch", "pod", "w0", "--subresource", "resize", "-p",
                 json.dumps({"spec": {"containers": [{"name": "worker", "resources": {"limits": {"cpu": "3"}}}]}}))
     assert r.returncode != 0 and "Pod QOS Class may not change as a result of resizing" in r.stderr, r.stderr
+    r = kubectl(kubeconfig, "patch", "pod", "w0", "--subresource", "resize", "--type=json", "-p",
+                '[{"op":"replace","path":"/spec/containers/0/resources/requests/cpu","value":"1500m"}]')
+    assert r.returncode != 0 and r.stderr.startswith(
+        'The Pod "w0" is invalid: spec.containers[0].resources.requests: Invalid value: "1500m": must be less than '
+        "or equal to cpu limit of 1"), r.stderr
+    r = kubectl(kubeconfig, "patch", "pod", "w0", "--subresource", "resize", "--type=json", "-p",
+                '[{"op":"replace","path":"/spec/containers/0/resources/requests/cpu","value":"800m"},'
+                '{"op":"replace","path":"/spec/containers/0/resources/limits/cpu","value":"800m"}]')
+    assert r.returncode == 0, r.stderr
     # a plain metadata patch is fine
     assert kubectl(kubeconfig, "patch", "pod", "w0", "-p", '{"metadata":{"labels":{"x":"y"}}}').returncode == 0
     assert pod_json(kubeconfig, "w0")["metadata"]["labels"]["x"] == "y"

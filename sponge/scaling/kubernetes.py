@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 Obj = dict[str, Any]
 STRATEGIC = "application/strategic-merge-patch+json"
 MERGE = "application/merge-patch+json"
-# The client's default Content-Type for PATCH is JSON Patch (a list of operations); ours are objects.
+# Patch types are named, not left to the client's guess from the body (it picks JSON Patch for a list).
 
 # What `sponge_k8s_resizes_total` counts (see K8sMetrics).
 OUTCOMES = ("requested", "rejected", "error", "applied", "in_progress", "deferred", "infeasible")
