@@ -471,3 +471,25 @@ def test_real_cluster_resize():
     finally:
         core.delete_namespaced_pod(name, ns, grace_period_seconds=0)
         b.close()
+
+
+def test_in_cluster_config_is_used_in_a_pod_when_no_context_is_named(monkeypatch, tmp_path):
+    """In a pod: the service account's token and CA, and the API server from KUBERNETES_SERVICE_*."""
+    from kubernetes.config import incluster_config
+
+    from sponge.scaling.kubernetes import api_client
+
+    token, ca = tmp_path / "token", tmp_path / "ca.crt"
+    token.write_text("sa-token")
+    ca.write_text("not really a certificate")
+    monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(token))
+    monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(ca))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "6443")
+    api = api_client()
+    try:
+        cfg = api.configuration
+        assert cfg.host == "https://127.0.0.1:6443" and cfg.ssl_ca_cert == str(ca)
+        assert cfg.api_key["BearerToken"] == "bearer sa-token"
+    finally:
+        api.close()
