@@ -15,7 +15,7 @@
 
 Needs root (netns, cgroup). The worker shares this host's CPUs: it measures the protocol and the
 kernel's network path, not a real network's latency. Usage:
-    python bench/remote.py [--model default|trivial|PATH] [--rounds 20] [--steps 10] [--limit-poll-ms 100]
+    python bench/remote.py [--model default|payload|trivial|PATH] [--rounds 20] [--steps 10] [--limit-poll-ms 100]
 Prints a table; the last line is one JSON object of the figures.
 """
 
@@ -88,6 +88,25 @@ def start_worker(model: str, link: Link, threads: int, max_threads: int, poll_ms
     if not line.startswith("listening"):
         raise RuntimeError(f"worker did not start (exit code {p.poll()})")
     return p, 9000
+
+
+def payload_model() -> str:
+    """EfficientNet-Lite0's input (UINT8 [N, 224, 224, 3]) -> ReduceMax per image ([N, 1, 1, 1]):
+    the same bytes travel, the runtime does next to nothing, so `added` is the transport alone."""
+    import tempfile
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 224, 224, 3])
+    y = helper.make_tensor_value_info("peak", TensorProto.UINT8, ["N", 1, 1, 1])
+    graph = helper.make_graph([helper.make_node("ReduceMax", ["image"], ["peak"], axes=[1, 2, 3], keepdims=1)],
+                              "payload", [x], [y])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    path = Path(tempfile.mkdtemp(prefix="sponge-bench-")) / "payload.onnx"
+    onnx.save(m, str(path))
+    return str(path)
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -187,7 +206,9 @@ async def quota_follow(worker_pid: int, link: Link, steps: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="default", help="default (EfficientNet-Lite0), trivial, or an ONNX path")
+    ap.add_argument("--model", default="default",
+                    help="default (EfficientNet-Lite0), payload (its input, next to no compute: the transport "
+                         "alone), trivial, or an ONNX path")
     ap.add_argument("--rounds", type=int, default=20, help="batches per batch size and path")
     ap.add_argument("--sizes", default="1,8,32")
     ap.add_argument("--steps", type=int, default=10, help="quota steps (1000 m <-> 2000 m)")
@@ -196,7 +217,9 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench/remote.py needs root (network namespaces, a cgroup)", file=sys.stderr)
         return 2
-    if args.model == "default":
+    if args.model == "payload":
+        model = payload_model()
+    elif args.model == "default":
         from sponge.models.efficientnet_lite0 import default_model_path
         model = str(default_model_path())
     elif args.model == "trivial":
@@ -208,8 +231,10 @@ def main() -> int:
     with Link() as link:
         proc, _ = start_worker(model, link, threads=1, max_threads=2, poll_ms=args.limit_poll_ms)
         try:
-            lat = asyncio.run(latency(model, link, args.rounds, sizes))
-            quota = asyncio.run(quota_follow(proc.pid, link, args.steps)) if V1_CPU.is_dir() else None
+            import uvloop  # as `sponge serve` (uvicorn picks uvloop): the front door's loop
+
+            lat = uvloop.run(latency(model, link, args.rounds, sizes))
+            quota = uvloop.run(quota_follow(proc.pid, link, args.steps)) if V1_CPU.is_dir() else None
         finally:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()

@@ -35,6 +35,7 @@ from sponge.runtime.base import TensorSpec
 from sponge.runtime.replica import BatchResult, ReplicaDied, ReplicaError
 
 log = logging.getLogger("sponge.remote")
+STREAM_LIMIT = 4 << 20  # the StreamReader pauses the socket at 2 x limit (64 KiB by default: many rounds per batch)
 
 
 class WorkerUnreachable(ConnectionError):
@@ -103,7 +104,7 @@ class RemoteReplica:
         """Connect once and learn the model's tensors; WorkerUnreachable if the worker does not answer."""
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                reader, writer = await asyncio.open_connection(self.host, self.port, limit=1 << 20)
+                reader, writer = await asyncio.open_connection(self.host, self.port, limit=STREAM_LIMIT)
         except (OSError, TimeoutError) as exc:
             raise WorkerUnreachable(f"replica {self.name}: cannot connect to worker {self.address}: "
                                     f"{type(exc).__name__}: {exc}") from None
