@@ -89,6 +89,7 @@ DRAIN_S = 10.0
 # asyncio's StreamReader pauses the socket whenever it buffers 2 x limit: at the default 64 KiB a 4.8 MB
 # batch took ~37 pause/resume rounds through the event loop
 STREAM_LIMIT = 4 << 20
+MAX_PIPELINED = 4  # batches of one connection received and not yet answered (the front door sends one at a time)
 
 
 class LimitFollower:
@@ -238,6 +239,8 @@ class WorkerServer:
                     continue
                 first = b""
                 if frame.kind == fr.INFER:
+                    if len(tasks) >= MAX_PIPELINED:  # bounded memory: stop reading until one is done
+                        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                     t = asyncio.create_task(self._infer(frame, writer))
                     tasks.add(t)
                     t.add_done_callback(tasks.discard)
