@@ -77,7 +77,8 @@ class Link:
             sh("ip", "link", "del", self.host_if, check=False)
 
 
-def start_worker(model: str, link: Link, threads: int, max_threads: int, poll_ms: float) -> tuple[subprocess.Popen, int]:
+def start_worker(model: str, link: Link, threads: int, max_threads: int, poll_ms: float
+                 ) -> tuple[subprocess.Popen, int]:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     p = subprocess.Popen(["nsenter", f"--net=/run/netns/{link.ns}", sys.executable, "-m", "sponge.cli", "worker",
                           "--model", model, "--host", "0.0.0.0", "--port", "9000", "--threads", str(threads),
