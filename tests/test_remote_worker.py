@@ -346,6 +346,29 @@ def test_worker_that_stops_answering_fails_the_batch_by_ping_timeout(runtime: On
     run(main())
 
 
+def test_a_malformed_answer_fails_the_batch_and_drops_the_connection() -> None:
+    """The front door does not trust the network either: a RESULT whose sizes do not add up is a dead
+    connection (ReplicaDied), not a hang or a wrong answer."""
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        frame = await fr.read_frame(r, first=await r.readexactly(4))
+        w.writelines(fr.encode(fr.STATUS_REPLY, frame.batch_id, {"inputs": [], "outputs": []}))
+        frame = await fr.read_frame(r)
+        w.write(_frame(_t(shape=(3,)), bytes(8), kind=fr.RESULT, bid=frame.batch_id))
+        await w.drain()
+        await asyncio.sleep(5)
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        rep = RemoteReplica("r0", "127.0.0.1", server.sockets[0].getsockname()[1])
+        await rep.start()
+        with pytest.raises(ReplicaDied, match="malformed frame from the worker.*nbytes says 8"):
+            await rep.infer({"x": np.ones((1, 16), np.float32)})
+        assert not rep.ready
+        server.close()
+
+    run(main())
+
+
 def test_restart_waits_with_backoff_until_the_worker_is_back(runtime: OnnxRuntime) -> None:
     async def main() -> None:
         srv = WorkerServer(runtime, "127.0.0.1", 0, follow_limit=False)

@@ -102,6 +102,8 @@ class RemoteReplica:
     # ---- connection --------------------------------------------------------------------------
     async def start(self) -> None:
         """Connect once and learn the model's tensors; WorkerUnreachable if the worker does not answer."""
+        if self._conn is not None:
+            await self.stop()
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 reader, writer = await asyncio.open_connection(self.host, self.port, limit=STREAM_LIMIT)
@@ -122,8 +124,15 @@ class RemoteReplica:
             raise WorkerUnreachable(f"replica {self.name}: worker {self.address} answered status with "
                                     f"{fr.KINDS.get(frame.kind)}: {frame.meta.get('error', '')}")
         info = frame.meta
-        spec = lambda ds: [TensorSpec(d["name"], d["datatype"], tuple(d["shape"])) for d in ds]  # noqa: E731
-        self.inputs, self.outputs, self.labels = spec(info["inputs"]), spec(info["outputs"]), info.get("labels")
+        spec = lambda ds: [TensorSpec(str(d["name"]), str(d["datatype"]), tuple(int(x) for x in d["shape"]))  # noqa: E731
+                           for d in ds]
+        try:
+            inputs, outputs, labels = spec(info["inputs"]), spec(info["outputs"]), info.get("labels")
+        except (KeyError, TypeError, ValueError) as exc:
+            writer.transport.abort()
+            raise WorkerUnreachable(f"replica {self.name}: worker {self.address} sent a malformed status: "
+                                    f"{type(exc).__name__}: {exc}") from None
+        self.inputs, self.outputs, self.labels = inputs, outputs, labels
         self.worker_status = {k: v for k, v in info.items() if k not in ("inputs", "outputs", "labels")}
         conn = _Conn(reader, writer)
         self._conn = conn
