@@ -369,6 +369,38 @@ def test_a_malformed_answer_fails_the_batch_and_drops_the_connection() -> None:
     run(main())
 
 
+def test_duplicate_and_unknown_answers_are_discarded() -> None:
+    """A worker (or a network) that answers a batch twice, or answers an id never sent, cannot make the
+    front door answer anything twice: the first answer is taken, the rest discarded and counted."""
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        frame = await fr.read_frame(r, first=await r.readexactly(4))
+        w.writelines(fr.encode(fr.STATUS_REPLY, frame.batch_id, {"inputs": [], "outputs": []}))
+        while True:
+            frame = await fr.read_frame(r)
+            if frame.kind != fr.INFER:
+                continue
+            y = frame.tensors["x"] * 2
+            for _ in range(2):  # twice
+                w.writelines(fr.encode(fr.RESULT, frame.batch_id, {"infer_ms": 1.0, "threads": 1}, {"y": y}))
+            w.writelines(fr.encode(fr.RESULT, 12345, {"infer_ms": 1.0}, {"y": y + 1}))  # never sent
+            await w.drain()
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        rep = RemoteReplica("r0", "127.0.0.1", server.sockets[0].getsockname()[1])
+        await rep.start()
+        for k in range(5):
+            x = np.full((2, 3), float(k), np.float32)
+            res = await rep.infer({"x": x})
+            np.testing.assert_array_equal(res.outputs["y"], x * 2)  # its own answer, not a stale one
+        await asyncio.sleep(0.05)
+        assert rep.late_answers == 10 and rep.ready
+        await rep.stop()
+        server.close()
+
+    run(main())
+
+
 def test_restart_waits_with_backoff_until_the_worker_is_back(runtime: OnnxRuntime) -> None:
     async def main() -> None:
         srv = WorkerServer(runtime, "127.0.0.1", 0, follow_limit=False)

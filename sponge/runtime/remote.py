@@ -16,6 +16,10 @@ Failure handling (each batch answered at most once, none waits forever):
   until the worker answers again; meanwhile the replica stays not ready (a vanished worker is dropped
   from service, not waited on). It is cancellable (shutdown).
 * `start()` is one attempt: a worker that cannot be reached at start is a clear error.
+
+At most once *answered*, not at most once *run*: a batch failed with `ReplicaDied` may still have run
+on the worker (e.g. the link was cut after it was sent). Inference has no side effects, so the core may
+re-dispatch it to another replica.
 """
 
 from __future__ import annotations
