@@ -170,8 +170,8 @@ async def _raw(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     return await asyncio.open_connection("127.0.0.1", port)
 
 
-async def _http(port: int, request: bytes) -> tuple[int, bytes]:
-    r, w = await _raw(port)
+async def _http(port: int, request: bytes, host: str = "127.0.0.1") -> tuple[int, bytes]:
+    r, w = await asyncio.open_connection(host, port)
     w.write(request)
     data = await asyncio.wait_for(r.read(), WAIT_S)
     w.close()
@@ -742,6 +742,9 @@ def test_netns_worker_killed_mid_batch_and_link_cut(heavy_model: Path, netns3: N
                                   connect_timeout_s=1.0) for i in range(3)]
             for r in reps:
                 await r.start()
+            for addr in net.addr:  # the readiness probe a kubelet sends, on the data port, over the veth
+                status, body = await _http(9000, b"GET /ready HTTP/1.1\r\nHost: w\r\n\r\n", addr)
+                assert status == 200 and b'"ready":true' in body
             core = ServingCore("m", reps, 4, 4096, ExpiryPolicy.REJECT, 0.0, Metrics(), 1000,  # type: ignore[arg-type]
                                admission=False)
             core.start()
