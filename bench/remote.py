@@ -119,6 +119,10 @@ async def latency(model_path: str, link: Link, rounds: int, sizes: list[int]) ->
     await local.start()
     veth = RemoteReplica("veth", link.ip, 9000)
     await veth.start()
+    # the worker (max 2 threads, for the quota part) builds its 2-thread session in the background at
+    # start: measure only once that is done, or it competes with the first batches
+    while len((await veth.status()).get("sessions") or []) < 2:
+        await asyncio.sleep(0.1)
     # loopback: a second worker of the same model in the host namespace (the first listens in its own)
     loop_r = RemoteReplica("loopback", "127.0.0.1", 0)
     spec = local.inputs[0]

@@ -52,7 +52,8 @@ extension). `nbytes` must equal elements × item size for numeric tensors and th
 B. RESULT's meta also has `infer_ms`, `threads` (the count in force), `limit_m` (the CPU limit the
 worker sees, null = none); ERROR's has `error` (message) and `code` (`bad_frame`, `runtime`,
 `unexpected`); PONG's and STATUS_REPLY's are the status (`ready`, `threads`, `wanted_threads`,
-`max_threads`, `limit_m`, `batches`, `errors`; STATUS_REPLY adds `inputs`, `outputs`, `labels`,
+`max_threads`, `sessions` (thread counts whose runtime session is built), `limit_m`, `batches`,
+`errors`; STATUS_REPLY adds `inputs`, `outputs`, `labels`,
 `model`); THREADS's is `{"threads": n}` (no answer).
 
 Nothing received is unpickled: the meta is JSON, the body is only viewed as the declared dtypes after
@@ -172,7 +173,7 @@ class WorkerServer:
         rt = self.runtime
         return {"ready": self._server is not None and not self.draining, "pid": os.getpid(),
                 "threads": getattr(rt, "active_threads", rt.threads), "wanted_threads": rt.threads,
-                "max_threads": rt.max_threads,
+                "max_threads": rt.max_threads, "sessions": getattr(rt, "ready_thread_counts", None),
                 "limit_m": self.follower.limit_m if self.follower is not None else None,
                 "batches": self.batches, "errors": self.errors, "bad_frames": self.bad_frames,
                 "inflight": self._inflight, "model": self.model}
