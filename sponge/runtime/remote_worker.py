@@ -25,8 +25,8 @@ Why raw framing over TCP, not HTTP/2
 A batch is one request and one answer between two fixed peers that hold one connection for hours;
 there is nothing for HTTP/2's streams, HPACK or flow control to do but cost time and a dependency.
 Measured by `bench/remote.py --model payload` (EfficientNet-Lite0's input, no compute): over a veth
-link the transport adds 0.37 / 1.3 / 6.3 ms per batch (p50) at 1 / 8 / 32 images, against 0.33 / 0.92 /
-5.6 ms for the local replica's pickle over a socketpair (x1.1-1.4): what is left to win is the copies
+link the transport adds 0.36 / 1.3 / 7.5 ms per batch (p50) at 1 / 8 / 32 images, against 0.32 / 0.93 /
+5.7 ms for the local replica's pickle over a socketpair (x1.1-1.4): what is left to win is the copies
 of the bytes themselves, which an HTTP/2 layer would add to, not remove.
 
 Framing (both directions; `runtime/frames.py` implements it)
