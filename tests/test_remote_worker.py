@@ -316,6 +316,27 @@ def test_batch_timeout_fails_with_replica_died_and_restart_reconnects(runtime: O
     run(main())
 
 
+def test_a_draining_worker_answers_its_batch_in_flight_and_takes_no_new_ones(runtime: OnnxRuntime) -> None:
+    async def main() -> None:
+        srv = WorkerServer(SlowRuntime(runtime, 0.4), "127.0.0.1", 0, follow_limit=False)
+        await srv.start()
+        rep = RemoteReplica("r0", "127.0.0.1", srv.port, ping_interval_s=0.05)
+        await rep.start()
+        x = np.ones((1, 16), np.float32)
+        batch = asyncio.create_task(rep.infer({"x": x}))
+        await asyncio.sleep(0.05)
+        closing = asyncio.create_task(srv.close(drain_s=5, notice_s=0.3))
+        assert await _until(lambda: _true(not rep.ready), 2)  # told by a PONG, before the batch ends
+        assert not batch.done()
+        np.testing.assert_allclose((await batch).outputs["y"], expected(x), rtol=1e-5, atol=1e-5)
+        with pytest.raises(WorkerUnreachable, match="draining"):
+            await RemoteReplica("r1", "127.0.0.1", srv.port).start()
+        await closing
+        assert await _until(lambda: _true(rep._conn is None), 2)  # then the worker closed the connection
+
+    run(main())
+
+
 async def _mute_worker(stop: asyncio.Event, info: dict[str, Any]) -> tuple[asyncio.Server, int]:
     """A 'worker' that answers the status request and then never again (hung host, silent drop)."""
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:

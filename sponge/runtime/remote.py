@@ -16,6 +16,8 @@ Failure handling (each batch answered at most once, none waits forever):
   until the worker answers again; meanwhile the replica stays not ready (a vanished worker is dropped
   from service, not waited on). It is cancellable (shutdown).
 * `start()` is one attempt: a worker that cannot be reached at start is a clear error.
+* a worker that is stopping (SIGTERM) says so in its PONGs: the replica turns not ready at once (no new
+  batches) but keeps the connection until the batch in flight is answered, then reconnects as above.
 
 At most once *answered*, not at most once *run*: a batch failed with `ReplicaDied` may still have run
 on the worker (e.g. the link was cut after it was sent). Inference has no side effects, so the core may
@@ -54,6 +56,7 @@ class _Conn:
     pings: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     dead: bool = False
+    draining: bool = False  # the worker said it is stopping: no new batches; those in flight are answered
 
 
 class RemoteReplica:
@@ -97,7 +100,7 @@ class RemoteReplica:
 
     @property
     def ready(self) -> bool:
-        return self._conn is not None and not self._conn.dead
+        return self._conn is not None and not self._conn.dead and not self._conn.draining
 
     @property
     def busy(self) -> bool:
@@ -128,6 +131,9 @@ class RemoteReplica:
             raise WorkerUnreachable(f"replica {self.name}: worker {self.address} answered status with "
                                     f"{fr.KINDS.get(frame.kind)}: {frame.meta.get('error', '')}")
         info = frame.meta
+        if info.get("ready") is False:
+            writer.transport.abort()
+            raise WorkerUnreachable(f"replica {self.name}: worker {self.address} is draining (stopping)")
         spec = lambda ds: [TensorSpec(str(d["name"]), str(d["datatype"]), tuple(int(x) for x in d["shape"]))  # noqa: E731
                            for d in ds]
         try:
@@ -178,6 +184,9 @@ class RemoteReplica:
                 frame = await fr.read_frame(conn.reader, self.max_body, writable=True)
                 if frame.kind == fr.PONG:
                     self.worker_status = frame.meta
+                    if frame.meta.get("ready") is False and not conn.draining:
+                        conn.draining = True  # the core stops dispatching here; restart() waits for it back
+                        log.warning("replica %s: worker %s is draining (stopping)", self.name, self.address)
                     fut = conn.pings.pop(frame.batch_id, None)
                 elif frame.kind in (fr.RESULT, fr.ERROR):
                     fut = conn.pending.pop(frame.batch_id, None)

@@ -14,7 +14,9 @@ The first four bytes of a connection decide: `SPNG` (the frame magic) starts the
 protocol below; anything else is read as an HTTP/1.1 request, answered, and the connection closed:
 
 * `GET /live`   200 `{"live": true}` while the process runs (liveness probe);
-* `GET /ready`  200 `{"ready": true, ...}` once the model is loaded, 503 while draining (SIGTERM);
+* `GET /ready`  200 `{"ready": true, ...}` once the model is loaded, 503 while draining: at SIGTERM the
+  worker says not ready (here and in every PONG, so front doors stop sending) for 2 s, finishes the
+  batches in flight (at most 10 s), then exits;
 * `GET /status` 200 the status object (threads, limit_m, batches, model, ...).
 
 So a Kubernetes readiness probe `httpGet: {path: /ready, port: 9000}` and the front door's data
@@ -88,6 +90,7 @@ DEFAULT_PORT = 9000
 LIMIT_POLL_S = 0.1
 HTTP_HEAD_TIMEOUT_S = 5.0
 DRAIN_S = 10.0
+NOTICE_S = 2.0  # at SIGTERM, say not ready this long before closing: a front door pings every 1 s
 # asyncio's StreamReader pauses the socket whenever it buffers 2 x limit: at the default 64 KiB a 4.8 MB
 # batch took ~37 pause/resume rounds through the event loop
 STREAM_LIMIT = 4 << 20
@@ -190,14 +193,19 @@ class WorkerServer:
         if self.follower is not None:
             self.follower.start()
 
-    async def close(self, drain_s: float = 0.0) -> None:
-        """Stop accepting; wait up to `drain_s` for batches in flight; close every connection."""
+    async def close(self, drain_s: float = 0.0, notice_s: float = 0.0) -> None:
+        """Drain, then stop: say not ready (PONG, /ready 503) for `notice_s` while any connection is open, so
+        front doors stop sending (batches that still come are served); wait up to `drain_s` more for the
+        batches in flight; then stop listening and close every connection."""
         self.draining = True
-        if self._server is not None:
-            self._server.close()
+        t0 = time.monotonic()
+        while self._conns and time.monotonic() - t0 < notice_s:
+            await asyncio.sleep(0.01)
         deadline = time.monotonic() + drain_s
         while self._inflight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+        if self._server is not None:
+            self._server.close()
         for w in list(self._conns):
             w.close()
         if self.follower is not None:
@@ -401,5 +409,5 @@ async def serve(model_path: str | Path, host: str, port: int, threads: int | Non
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("stopping: draining batches in flight (at most %.0f s)", DRAIN_S)
-    await server.close(DRAIN_S)
+    log.info("stopping: not ready for %.0f s, then draining batches in flight (at most %.0f s)", NOTICE_S, DRAIN_S)
+    await server.close(DRAIN_S, NOTICE_S)
