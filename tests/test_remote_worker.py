@@ -164,6 +164,19 @@ def test_sizes_beyond_the_limits_are_refused_before_reading() -> None:
         fr.parse_header(head, max_body=1 << 20)
 
 
+def test_worker_addresses() -> None:
+    from sponge.runtime.remote import parse_addresses, remote_replicas
+
+    assert parse_addresses("a:1, b ,[::1]:9001,[fe80::1],10.0.0.2:9000") == [
+        ("a", 1), ("b", 9000), ("::1", 9001), ("fe80::1", 9000), ("10.0.0.2", 9000)]
+    for bad in ("a:0", "a:x", "[::1]x", ":9000"):
+        with pytest.raises(ValueError):
+            parse_addresses(bad)
+    reps = remote_replicas("h1,h2:9100", batch_timeout_s=3)
+    assert [(r.name, r.address, r.batch_timeout_s) for r in reps] == [
+        ("remote-0", "h1:9000", 3), ("remote-1", "h2:9100", 3)]
+
+
 # ---- the worker on loopback ----------------------------------------------------------------------
 
 async def _raw(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

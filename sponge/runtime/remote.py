@@ -322,3 +322,30 @@ class RemoteReplica:
         if not conn.dead:
             self._drop(conn, "stopped")
         await asyncio.gather(*conn.tasks, return_exceptions=True)
+
+
+def parse_addresses(spec: str, default_port: int = 9000) -> list[tuple[str, int]]:
+    """'host[:port],[v6]:port,...' -> [(host, port)] (for wiring remote replicas into a front door)."""
+    out: list[tuple[str, int]] = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        host, port = item, default_port
+        if item.startswith("["):
+            host, _, rest = item[1:].partition("]")
+            if rest:
+                if not rest.startswith(":"):
+                    raise ValueError(f"worker address {item!r}: expected [v6-address]:port")
+                port = int(rest[1:])
+        elif item.count(":") == 1:
+            host, p = item.split(":")
+            port = int(p)
+        if not host or not 0 < port < 65536:
+            raise ValueError(f"worker address {item!r}: expected host[:port] with a port in 1..65535")
+        out.append((host, port))
+    return out
+
+
+def remote_replicas(spec: str, prefix: str = "remote", **kw: Any) -> list[RemoteReplica]:
+    """One RemoteReplica per address of `spec` (see parse_addresses), named prefix-0, prefix-1, ..."""
+    return [RemoteReplica(f"{prefix}-{i}", h, p, **kw) for i, (h, p) in enumerate(parse_addresses(spec))]
