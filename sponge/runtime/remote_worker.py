@@ -221,8 +221,10 @@ class WorkerServer:
                 await self._serve_frames(reader, writer, first)
             else:
                 await self._serve_http(reader, writer, first)
-        except (asyncio.IncompleteReadError, ConnectionError, OSError, TimeoutError):
-            pass
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, OSError, TimeoutError):
+            pass  # the peer went away, or an HTTP head beyond the stream limit: only this connection ends
+        except Exception:  # never let one connection's surprise go unlogged; the worker serves on
+            log.exception("connection from %s failed", writer.get_extra_info("peername"))
         finally:
             self._conns.discard(writer)
             writer.close()
