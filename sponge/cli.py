@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     from sponge import experiment
     from sponge.perf import cli as profile_cli
     from sponge.report import cli as report_cli
+    from sponge.runtime import remote_worker
     from sponge.sim import cli as sim_cli
     from sponge.workload import loadgen
 
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim_cli.register(sub)
     experiment.register(sub)
     report_cli.register(sub)
+    remote_worker.register(sub)  # `sponge worker`: a remote replica (runtime/remote_worker.py)
     return parser
 
 

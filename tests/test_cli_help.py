@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["serve", "classify", "profile", "load", "simulate", "experiment", "report"]
+COMMANDS = ["serve", "classify", "profile", "load", "simulate", "experiment", "report", "worker"]
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])
