@@ -90,6 +90,23 @@ class ServerConfig(BaseModel):
     admin_token_file: str | None = Field(None, description="file holding the bearer token for /admin endpoints "
                                          "(read once at start, surrounding whitespace stripped)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    backend: Literal["local", "remote", "kubernetes"] = Field(
+        "local", description="where the replicas run: local (worker processes here, each in its own cgroup), "
+        "remote (the `sponge worker`s listed in --workers; their CPU is whatever their hosts give), kubernetes "
+        "(the worker pods of --namespace matching --selector, discovered while serving, resized in place, "
+        "their Deployment --worker-deployment scaled up to --max-replicas)")
+    workers: str | None = Field(None, description="remote backend: the workers, host:port,host:port "
+                                "(a port left out is --worker-port)")
+    namespace: str | None = Field(None, description="kubernetes backend: the namespace of the worker pods")
+    selector: str | None = Field(None, description="kubernetes backend: label selector of the worker pods "
+                                 "(e.g. app=sponge-worker)")
+    kube_context: str | None = Field(None, description="kubernetes backend: kubeconfig context to use "
+                                     "(default: the pod's service account in a cluster, else the current context)")
+    worker_deployment: str = Field("sponge-worker", description="kubernetes backend: the Deployment of the "
+                                   "workers, scaled through its scale subresource")
+    worker_container: str = Field("worker", description="kubernetes backend: the worker pods' container "
+                                  "resized in place")
+    worker_port: int = Field(9000, ge=1, le=65535, description="remote and kubernetes backends: the workers' port")
 
     @model_validator(mode="after")
     def _replica_range(self) -> "ServerConfig":
@@ -101,6 +118,41 @@ class ServerConfig(BaseModel):
             if self.max_replicas > 1 and "policy" not in self.model_fields_set:
                 self.policy = "joint"
         return self
+
+    @model_validator(mode="after")
+    def _backend_fields(self) -> "ServerConfig":
+        """Each backend's required fields, and no field of another backend (the message names the field)."""
+        if self.backend == "remote":
+            if not self.workers or not self.workers.strip(",; "):
+                raise ValueError("workers: the remote backend needs --workers host:port[,host:port...]")
+            self.worker_addresses()  # each address well formed
+            if "policy" not in self.model_fields_set:  # their CPU is their hosts': nothing to move
+                self.policy = "static"
+            if self.max_replicas is not None and self.max_replicas != self.replicas:
+                raise ValueError("max_replicas: the remote backend serves the fixed list of --workers (use "
+                                 "--backend kubernetes to add and remove workers)")
+        elif self.workers is not None:
+            raise ValueError(f"workers: only the remote backend takes --workers (backend is {self.backend})")
+        if self.backend == "kubernetes":
+            for name in ("namespace", "selector"):
+                if not getattr(self, name):
+                    raise ValueError(f"{name}: the kubernetes backend needs --{name}"
+                                     + (" (e.g. app=sponge-worker)" if name == "selector" else ""))
+        else:
+            for name in ("namespace", "selector", "kube_context"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}: only the kubernetes backend takes --{name.replace('_', '-')} "
+                                     f"(backend is {self.backend})")
+        return self
+
+    def worker_addresses(self) -> list[tuple[str, int]]:
+        """--workers as (host, port) pairs (ValueError naming the field if one is malformed)."""
+        from sponge.runtime.remote import parse_addresses
+
+        try:
+            return parse_addresses(self.workers or "", self.worker_port)
+        except ValueError as exc:
+            raise ValueError(f"workers: {exc}") from None
 
     @property
     def replica_limit(self) -> int:

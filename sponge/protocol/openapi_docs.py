@@ -93,7 +93,7 @@ INFER_OPERATION: dict[str, Any] = {
         "413": {"description": "body, or a tensor's declared size, over the server's limit",
                 "content": {"application/json": {"schema": _ERROR}}},
         "500": {"description": "inference failed", "content": {"application/json": {"schema": _ERROR}}},
-        "503": {"description": "server busy (queue full, or the request would not finish in time); see Retry-After",
+        "503": {"description": "server busy (queue full, or the request would not finish in time; or no worker ready yet); see Retry-After",
                 "headers": {"Retry-After": {"description": "seconds", "schema": {"type": "string"}}},
                 "content": {"application/json": {"schema": _ERROR}}},
         "504": {"description": "the request's deadline cannot be met",
@@ -146,6 +146,8 @@ MODEL_METADATA_RESPONSES: dict[int | str, Any] = {
                        "inputs": {"type": "array", "items": _METADATA_TENSOR},
                        "outputs": {"type": "array", "items": _METADATA_TENSOR}}})},
     404: error_response("unknown model"),
+    503: {**error_response("no replica (worker) has been ready yet: the model's tensors are unknown"),
+          "headers": {"Retry-After": {"description": "seconds", "schema": {"type": "string"}}}},
 }
 
 

@@ -136,6 +136,11 @@ def create_app(core: ServingCore, *, max_body_bytes: int, default_slo_ms: float,
             return error(404, f"model '{model_name}' is not served here (available: '{name}')")
         return None
 
+    def no_worker_yet() -> Response:
+        """No replica has ever answered (e.g. no worker discovered yet): the model's tensors are unknown."""
+        return error(503, f"model '{name}' is not available yet: no replica (worker) is ready, so its inputs "
+                     "are unknown; retry shortly", {"Retry-After": "1"})
+
     def ready() -> bool:  # 503 while no replica can serve: dead, restarting, hung past its watchdog, stopping
         return core.can_serve()
 
@@ -160,6 +165,8 @@ def create_app(core: ServingCore, *, max_body_bytes: int, default_slo_ms: float,
         if (resp := model_known(model_name)) is not None:
             return resp
         r = core.spec_replica
+        if r is None:
+            return no_worker_yet()
         doc = {"name": name, "versions": ["1"], "platform": "onnxruntime_onnx",
                "inputs": [_spec_doc(s) for s in r.inputs], "outputs": [_spec_doc(s) for s in r.outputs]}
         return Response(orjson.dumps(doc), media_type="application/json")
@@ -189,6 +196,9 @@ def create_app(core: ServingCore, *, max_body_bytes: int, default_slo_ms: float,
             metrics.requests.labels(name, "invalid").inc()
             return error(413, str(exc))
         replica = core.spec_replica
+        if replica is None:
+            metrics.requests.labels(name, "rejected").inc()
+            return no_worker_yet()
         try:
             hl = header_length(request.headers.get(HEADER_LENGTH))
             limits = Limits(replica.inputs, max_request_batch, max_request_elements)

@@ -174,6 +174,8 @@ class ServingCore:
         self.on_replica_gone: Callable[[Replica], None] | None = None  # removed/failed: release its actuator
         self.on_replica_ready: Callable[[Replica], None] | None = None
         self._spec: Replica | None = None  # a replica whose model metadata (inputs, outputs) is known
+        self._last_spec: Replica | None = None  # the last such one (kept when every replica is gone)
+        self._restarting: dict[str, asyncio.Task[None]] = {}  # replica -> its reconnect/restart in progress
         metrics.configured_batch.labels(model_name).set(batch)
         self._count_states()
 
@@ -339,10 +341,14 @@ class ServingCore:
 
     # ---- replicas come and go ------------------------------------------------------------------
     @property
-    def spec_replica(self) -> Replica:
-        """A replica whose model metadata is known (any: they serve one model), for validation."""
-        if self._spec is None or not self._spec.inputs:
-            self._spec = next((r for r in self.replicas if r.inputs), self.replicas[0])
+    def spec_replica(self) -> Replica | None:
+        """A replica whose model metadata is known (any: they serve one model), for validation; the last one
+        known once every replica is gone (the model does not change); None while none was ever started
+        (e.g. no worker discovered yet: the front door answers 503)."""
+        if self._spec is None or not self._spec.inputs or self._spec not in self.replicas:
+            self._spec = next((r for r in self.replicas if r.inputs), None) or self._last_spec
+        if self._spec is not None and self._spec.inputs:
+            self._last_spec = self._spec
         return self._spec
 
     def serving(self) -> list[Replica]:
@@ -428,6 +434,9 @@ class ServingCore:
         if cold is not None:
             cold.cancel()
             return
+        restarting = self._restarting.get(name)
+        if restarting is not None:  # e.g. reconnecting to a worker that is gone: no batch in flight, stop now
+            restarting.cancel()
         self.version += 1
         self._wakeup.set()  # its dispatch loop sees the drain at once when idle
 
@@ -628,11 +637,24 @@ class ServingCore:
         return None if head is None else max(0.001, (head.deadline_ms - self._expiry_ms(head.size) - now) / 1000.0)
 
     async def _restart(self, replica: Replica) -> None:
+        """Restart (a local process) or reconnect (a remote worker, with backoff until it answers). A drain
+        (remove_replica) cancels it: a replica being removed is not waited for."""
         self.metrics.replica_restarts.labels(replica.name).inc()
+        task = asyncio.ensure_future(replica.restart())
+        self._restarting[replica.name] = task
         try:
-            await replica.restart()
-        except Exception:  # keep trying: the queue must not be stranded
-            log.exception("replica %s failed to restart; retrying in 1 s", replica.name)
+            await asyncio.wait({task})
+        except asyncio.CancelledError:  # shutdown: the restart goes too
+            task.cancel()
+            raise
+        finally:
+            if self._restarting.get(replica.name) is task:
+                del self._restarting[replica.name]
+        if task.cancelled():  # drained meanwhile: the dispatch loop ends and retires the replica
+            return
+        if task.exception() is not None:  # keep trying: the queue must not be stranded
+            exc = task.exception()
+            log.error("replica %s failed to restart (%s: %s); retrying in 1 s", replica.name, type(exc).__name__, exc)
             await asyncio.sleep(1.0)
 
     async def _execute(self, replica: Replica, entries: list[Entry[Pending]]) -> None:

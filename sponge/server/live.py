@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Any, Sequence
 
 from sponge.perf.samples import BatchSample
 from sponge.policy.types import Decision
 from sponge.server.core import ServingCore
 from sponge.server.per_batch import PerBatchSizer
-from sponge.server.pool import ReplicaPool
 from sponge.server.scaler import ReplicaScaler
 
 log = logging.getLogger("sponge.live")
@@ -19,9 +18,10 @@ class LiveView:
     """Reads arrivals, budgets, backlog, served batches, CPU usage and allocation from the serving core and
     the actuators."""
 
-    def __init__(self, core: ServingCore, scaler: ReplicaScaler) -> None:
+    def __init__(self, core: ServingCore, scaler: ReplicaScaler, pool: Any = None) -> None:
         self.core = core
         self.scaler = scaler
+        self.pool = pool  # when given, its `starting()` counts the replicas in their cold start
 
     def arrivals_total(self) -> int:
         return self.core.arrivals
@@ -45,6 +45,10 @@ class LiveView:
         return {r.name: self.scaler.cpu_usage_ns(r.name) for r in self.core.replicas}
 
     def replicas_starting(self) -> int:
+        """Replicas ordered and not serving yet: the core's starting ones (a KubernetesPool adds the pods the
+        kubelet has not made ready)."""
+        if self.pool is not None:
+            return int(self.pool.starting())
         return self.core.states()["starting"]
 
 
@@ -56,12 +60,12 @@ class LiveApplier:
     back up for the batch in flight."""
 
     def __init__(self, core: ServingCore, scaler: ReplicaScaler, max_batch: int,
-                 per_batch: PerBatchSizer | None = None, pool: ReplicaPool | None = None) -> None:
+                 per_batch: PerBatchSizer | None = None, pool: Any = None) -> None:
         self.core = core
         self.scaler = scaler
         self.max_batch = max_batch
         self.per_batch = per_batch
-        self.pool = pool
+        self.pool = pool  # ReplicaPool or KubernetesPool: scale_to(n, cpu_m)
         self._warned_replicas = False
 
     def apply(self, decision: Decision) -> None:

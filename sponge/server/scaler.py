@@ -88,8 +88,8 @@ class ReplicaScaler:
     def _attach(self, replica: Replica) -> None:
         """A (re)started replica process joins its cgroup at the allocation in force."""
         act = self.actuators[replica.name]
-        assert replica.pid is not None
-        act.attach(replica.pid)
+        if replica.pid is not None:  # a remote worker (pid None) is its host's or the kubelet's to place
+            act.attach(replica.pid)
         act.apply(self.core.cpu_m[replica.name])
         replica.set_threads(threads_for(self.core.cpu_m[replica.name]))
 
@@ -103,20 +103,36 @@ class ReplicaScaler:
         act.apply(cpu_m)
         applied = act.current()
         apply_ms = (time.perf_counter() - t0) * 1000
+        threads = self._book(name, applied, resized=True)
+        self.core.metrics.resize_duration.observe(apply_ms / 1000)
+        log.debug("replica %s resized to %d m (%d threads) in %.2f ms", name, applied, threads, apply_ms)
+        return ResizeResult(name, applied, threads, apply_ms)
+
+    def _book(self, name: str, applied: int, resized: bool = False) -> int:
+        """The allocation in force of replica `name` is `applied`: threads, the core's bookkeeping, the bill,
+        metrics. Returns the thread count for it."""
         replica = next((r for r in self.core.replicas if r.name == name), None)
         threads = threads_for(applied)
         if replica is not None and replica.threads != threads:  # per-batch sizing resizes often, mostly within one thread count
             replica.set_threads(threads)
-        self.core.note_resize(name, applied)  # before cpu_m changes: the running work's progress so far
+        if resized or self.core.cpu_m.get(name) != applied:
+            self.core.note_resize(name, applied)  # before cpu_m changes: the running work's progress so far
+            self.core.estimate.resized(applied)  # latencies seen at the old allocation now only bound it
         self.core.cpu_m[name] = applied
         self.allocation.set(self.core.clock(), name, applied)
-        self.core.estimate.resized(applied)  # latencies seen at the old allocation now only bound it
         m = self.core.metrics
         m.cpu.labels(name).set(applied)
         m.threads.labels(name).set(threads)
-        m.resize_duration.observe(apply_ms / 1000)
-        log.debug("replica %s resized to %d m (%d threads) in %.2f ms", name, applied, threads, apply_ms)
-        return ResizeResult(name, applied, threads, apply_ms)
+        return threads
+
+    def observed(self, name: str, cpu_m: int) -> None:
+        """An actuator that applies asynchronously (a pod resized by the kubelet) read a new allocation in
+        force for replica `name`: from now on the core plans with it and bills it. On the event loop."""
+        if name not in self.actuators or name not in self.core.cpu_m or self.core.cpu_m[name] == cpu_m:
+            return
+        old = self.core.cpu_m[name]
+        self._book(name, cpu_m)
+        log.info("replica %s: %d m now in force (was %d m)", name, cpu_m, old)
 
     def resize_all(self, cpu_m: int) -> list[ResizeResult]:
         return [self.resize(name, cpu_m) for name in self.actuators]
