@@ -336,6 +336,13 @@ class FakeCluster:
         self.compacted_rv = 0  # watches from a version at or below this get 410 Expired
         self.requests: list[tuple[str, str, str]] = []  # (method, path, content type) seen, for assertions
         self._rv = itertools.count(100)
+        # Hooks for tests that run a real process per pod (e.g. a `sponge worker`): `pod_runner(name)` starts
+        # a new deployment pod's process and returns its podIP once it listens (called on its own thread,
+        # outside the lock: the pod turns Ready when it returns, as after a readiness probe; if it raises, the
+        # pod never turns Ready); `pod_stopper(name)` is called when a pod starts terminating (the kubelet's
+        # SIGTERM; under the lock: keep it quick).
+        self.pod_runner: Callable[[str], str] | None = None
+        self.pod_stopper: Callable[[str], None] | None = None
         self._ips = itertools.count(2)
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
@@ -475,11 +482,27 @@ class FakeCluster:
             self._record("ADDED", "pods", pod)
             if ready:
                 self._start_pod(name)
+            elif self.pod_runner is not None and owner:
+                threading.Thread(target=self._run_pod, args=(name,), name=f"fake-kubelet-{name}", daemon=True).start()
             else:
                 self._later(self.cold_start_s, lambda: self._start_pod(name))
             return copy.deepcopy(pod)
 
-    def _start_pod(self, name: str) -> None:
+    def _run_pod(self, name: str) -> None:
+        """`pod_runner` starts the pod's process; Ready once it returns (and `cold_start_s` passed)."""
+        t0 = time.monotonic()
+        runner = self.pod_runner
+        assert runner is not None
+        try:
+            ip = runner(name)
+        except Exception as e:  # the pod stays not Ready, as after failing readiness probes
+            import logging
+
+            logging.getLogger(__name__).warning("fake kubelet: pod %s did not start: %s", name, e)
+            return
+        self._later(max(0.0, self.cold_start_s - (time.monotonic() - t0)), lambda: self._start_pod(name, ip))
+
+    def _start_pod(self, name: str, ip: str | None = None) -> None:
         """The kubelet started the containers: Running, Ready, resources allocated as requested."""
         pod = self.pods.get(name)
         if pod is None or pod["metadata"].get("deletionTimestamp"):
@@ -495,7 +518,7 @@ class FakeCluster:
                 st["allocatedResources"] = dict(requests)
                 st["resources"] = copy.deepcopy(c["resources"])
             statuses.append(st)
-        ip = f"127.0.1.{next(self._ips)}"  # loopback: nothing is ever sent to a pod by these tests
+        ip = ip or f"127.0.1.{next(self._ips)}"  # loopback: nothing is sent there unless `pod_runner` chose it
         pod["status"].update({
             "phase": "Running", "hostIP": "127.0.0.1", "hostIPs": [{"ip": "127.0.0.1"}], "podIP": ip,
             "podIPs": [{"ip": ip}], "startTime": started, "containerStatuses": statuses,
@@ -520,6 +543,8 @@ class FakeCluster:
                 st["ready"] = False
             self._record("MODIFIED", "pods", pod)
             self._refresh_deployments()
+            if self.pod_stopper is not None:
+                self.pod_stopper(name)
             self._later(self.terminate_s, lambda: self._remove_pod(name))
 
     def _remove_pod(self, name: str) -> None:

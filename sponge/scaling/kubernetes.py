@@ -16,7 +16,7 @@ CFS quota, which only the kubelet may write, and the way to ask the kubelet is t
   added / ready / unready / deleted, and relists when the watch expires (410 Gone) or breaks.
 
 `from_config(namespace, selector, context=None)` builds all three on one API client (in-cluster service
-account, or a kubeconfig context) for the front door's `--backend kubernetes` (wired elsewhere).
+account, or a kubeconfig context) for the front door's `--backend kubernetes` (`server/k8s_pool.py`).
 
 Every call here is a blocking HTTP round trip (a few ms in a cluster): callers on an event loop run
 them in an executor. Pods and objects are handled as the API's JSON dicts (camelCase), one shape for
@@ -366,7 +366,8 @@ class PodWatcher:
 
     Callbacks run on the watcher's thread, in event order: `on_added` when a pod is first seen,
     `on_ready` when it becomes Ready, `on_unready` when it stops being Ready (e.g. terminating), and
-    `on_deleted` when it is gone. A watch ends on its timeout (a new one starts from the last version),
+    `on_deleted` when it is gone; `on_object(type, pod)` first sees every pod object listed or watched
+    (e.g. to read a resize's progress from it without another request). A watch ends on its timeout (a new one starts from the last version),
     expires (410 Gone: the version was compacted) or breaks: then the pods are listed again and the
     differences delivered as callbacks, so nothing is missed. A callback that raises is logged, not fatal.
     """
@@ -374,12 +375,13 @@ class PodWatcher:
     def __init__(self, core: k8s_client.CoreV1Api, namespace: str, selector: str, *,
                  on_added: Callback | None = None, on_ready: Callback | None = None,
                  on_unready: Callback | None = None, on_deleted: Callback | None = None,
-                 metrics: K8sMetrics | None = None, watch_timeout_s: int = 300, backoff_s: float = 1.0,
+                 on_object: Callable[[str, Obj], None] | None = None, metrics: K8sMetrics | None = None, watch_timeout_s: int = 300, backoff_s: float = 1.0,
                  request_timeout_s: float = 10.0) -> None:
         self.core = core
         self.namespace = namespace
         self.selector = selector
         self.callbacks = {"added": on_added, "ready": on_ready, "unready": on_unready, "deleted": on_deleted}
+        self.on_object = on_object  # (event type, the pod as API JSON) for every pod listed or watched, first
         self.metrics = metrics if metrics is not None else K8sMetrics()
         self.watch_timeout_s = watch_timeout_s
         self.backoff_s = backoff_s
@@ -447,6 +449,8 @@ class PodWatcher:
             gone = [p for n, p in self._pods.items() if n not in now]
         for p in gone:
             self._update("DELETED", p)
+        for obj in raw.get("items") or []:
+            self._object("MODIFIED", obj)
         for p in now.values():
             self._update("MODIFIED", p)
         self._synced.set()
@@ -462,6 +466,7 @@ class PodWatcher:
                 obj = ev["raw_object"]
                 rv = str((obj.get("metadata") or {}).get("resourceVersion") or rv)
                 if ev["type"] in ("ADDED", "MODIFIED", "DELETED"):
+                    self._object(ev["type"], obj)
                     self._update(ev["type"], WorkerPod.of(obj))
                 if self._stop.is_set():
                     break
@@ -488,6 +493,14 @@ class PodWatcher:
             self._call("ready", pod)
         elif not pod.ready and old is not None and old.ready:
             self._call("unready", pod)
+
+    def _object(self, etype: str, obj: Obj) -> None:
+        if self.on_object is None:
+            return
+        try:
+            self.on_object(etype, obj)
+        except Exception:
+            log.exception("kubernetes: pod watcher callback on_object failed")
 
     def _call(self, which: str, pod: WorkerPod) -> None:
         cb = self.callbacks[which]

@@ -23,6 +23,7 @@ from sponge.policy.baselines import StaticPolicy
 from sponge.policy.learning import LearningPolicy
 from sponge.policy.registry import make_policy
 from sponge.policy.types import Decision, Policy
+from sponge.runtime.remote import RemoteReplica
 from sponge.runtime.replica import Replica
 from sponge.scaling.base import CpuActuator
 from sponge.scaling.guaranteed import open_actuator
@@ -54,6 +55,14 @@ def resolve_model(cfg: ServerConfig) -> tuple[Path, str]:
         raise FileNotFoundError(f"--model: no such file: {path}")
     check_onnx_file(path)
     return path, cfg.model_name or path.stem
+
+
+def resolve_remote_model(cfg: ServerConfig) -> tuple[Path | None, str]:
+    """Remote and kubernetes backends: the workers hold the model; the front door only names it (--model-name,
+    else --model's file name, else the default's) and reads its offline profile if the file is here too."""
+    path = Path(cfg.model).expanduser() if cfg.model else None
+    name = cfg.model_name or (path.stem if path is not None else DEFAULT_MODEL_NAME)
+    return (path if path is not None and path.is_file() else None), name
 
 
 def check_onnx_file(path: Path) -> None:
@@ -134,8 +143,9 @@ ARRIVAL_EPS_WITHOUT_PER_BATCH = 0.005
 
 
 def sizes_per_batch(cfg: ServerConfig) -> bool:
-    """Whether the server sizes CPU per batch between decisions: sponge, one replica, --per-batch."""
-    return cfg.per_batch and cfg.policy == "sponge" and cfg.replica_limit == 1
+    """Whether the server sizes CPU per batch between decisions: sponge, one replica, --per-batch, a local
+    replica (a pod's resize takes the kubelet a while: per batch is for cgroup quota writes)."""
+    return cfg.per_batch and cfg.policy == "sponge" and cfg.replica_limit == 1 and cfg.backend == "local"
 
 
 def sponge_params(cfg: ServerConfig, max_cpu_m: int, per_batch: bool) -> dict[str, Any]:
@@ -315,39 +325,98 @@ def make_pool(cfg: ServerConfig, core: ServingCore, scaler: ReplicaScaler, model
     return ReplicaPool(core, scaler, make_replica, make_actuator, cfg.replica_limit)
 
 
+def make_remote_replicas(cfg: ServerConfig) -> list[RemoteReplica]:
+    """--backend remote: one RemoteReplica per --workers address, named by it."""
+    return [RemoteReplica(f"{h}:{p}" if ":" not in h else f"[{h}]:{p}", h, p) for h, p in cfg.worker_addresses()]
+
+
+def make_k8s_pool(cfg: ServerConfig, core: ServingCore, scaler: ReplicaScaler, metrics: Metrics,
+                  cpu_m: int) -> Any:
+    """--backend kubernetes: the worker pods, discovered, resized and scaled through the API server."""
+    from sponge.scaling.base import ActuatorError
+    from sponge.server.k8s_pool import KubernetesPool
+
+    try:
+        from sponge.scaling.kubernetes import from_config
+    except ImportError as exc:
+        raise ConfigError(f"backend: {exc}") from None
+    try:
+        backend = from_config(cfg.namespace or "", cfg.selector or "", cfg.kube_context, registry=metrics.registry)
+    except (ActuatorError, ValueError) as exc:
+        raise ConfigError(f"backend: {exc}") from None
+    log.warning("kubernetes backend: worker pods %r in namespace %s (port %d), deployment %s scaled to 1..%d, "
+                "resized in place (%d..%d m)", cfg.selector, cfg.namespace, cfg.worker_port, cfg.worker_deployment,
+                cfg.replica_limit, scaler.min_cpu_m, scaler.max_cpu_m)
+    return KubernetesPool(core, scaler, backend, deployment=cfg.worker_deployment, container=cfg.worker_container,
+                          port=cfg.worker_port, max_replicas=cfg.replica_limit, cpu_m=cpu_m)
+
+
 def build_app(cfg: ServerConfig) -> FastAPI:
     t0 = time.monotonic()
     admin_token = resolve_admin_token(cfg)
-    model_path, model_name = resolve_model(cfg)  # validated before any actuator (cgroup) exists
+    local = cfg.backend == "local"
+    model_file: Path | None
+    if local:
+        model_file, model_name = resolve_model(cfg)  # validated before any actuator (cgroup) exists
+    else:
+        model_file, model_name = resolve_remote_model(cfg)
+    model_path = model_file if model_file is not None else Path(model_name)  # for logs
     t_model = time.monotonic()
-    log.info("model %s ready in %.1f s", model_path, t_model - t0)
+    if local:
+        log.info("model %s ready in %.1f s", model_path, t_model - t0)
     max_threads = len(os.sched_getaffinity(0))
-    max_cpu_m = min(cfg.max_cpu_m or machine_cpu_m(), machine_cpu_m())
+    if local:
+        max_cpu_m = min(cfg.max_cpu_m or machine_cpu_m(), machine_cpu_m())
+    else:  # the workers' hosts are not this one: --max-cpu-m, else this host's cores as a stand-in
+        max_cpu_m = cfg.max_cpu_m or machine_cpu_m()
     cpu_m = min(cfg.cpu_m or max_cpu_m, max_cpu_m)
     if cpu_m < cfg.min_cpu_m:
         raise ConfigError(f"cpu_m ({cpu_m}) is below min_cpu_m ({cfg.min_cpu_m})")
     threads = threads_for(cpu_m)
     metrics = Metrics()
-    replicas = [Replica(f"r{i}", str(model_path), threads, max_threads) for i in range(cfg.replicas)]
+    replicas: list[Any]
+    if local:
+        replicas = [Replica(f"r{i}", str(model_path), threads, max_threads) for i in range(cfg.replicas)]
+    elif cfg.backend == "remote":
+        replicas = make_remote_replicas(cfg)
+    else:  # kubernetes: discovered while serving
+        replicas = []
+    initial_replicas = len(replicas) if cfg.backend == "remote" else cfg.replicas
     core = ServingCore(model_name, replicas, cfg.batch, cfg.queue_capacity, ExpiryPolicy(cfg.expiry_policy),
                        cfg.max_batch_wait_ms, metrics, cpu_m, replica_timeout_floor_ms=cfg.replica_timeout_floor_ms,
                        replica_timeout_factor=cfg.replica_timeout_factor, admission=cfg.admission,
                        # the largest allocation the controller can reach: static never moves
                        max_cpu_m=cpu_m if cfg.policy == "static" else max_cpu_m,
                        admission_headroom=cfg.admission_headroom)
-    actuators, why = make_actuators(cfg, [r.name for r in replicas], cpu_m)
+    actuators: dict[str, CpuActuator]
+    if local:
+        actuators, why = make_actuators(cfg, [r.name for r in replicas], cpu_m)
+        kind = next(iter(actuators.values())).kind
+    elif cfg.backend == "remote":
+        actuators = {r.name: NullActuator(cpu_m) for r in replicas}
+        kind, why = "none", "remote workers: their CPU is whatever their hosts give them (bookkeeping only)"
+    else:
+        actuators = {}
+        kind, why = "kubernetes", "worker pods resized in place through pods/resize (the kubelet applies it)"
     scaler = ReplicaScaler(core, actuators, cfg.min_cpu_m, max_cpu_m)
-    kind = next(iter(actuators.values())).kind
     log.warning("CPU actuator: %s — %s", kind, why)
-    pool = make_pool(cfg, core, scaler, str(model_path), max_threads)
+    pool: Any = None
+    k8s_pool: Any = None
+    if local:
+        pool = make_pool(cfg, core, scaler, str(model_path), max_threads)
+    elif cfg.backend == "kubernetes":
+        pool = k8s_pool = make_k8s_pool(cfg, core, scaler, metrics, cpu_m)
     policy: Policy
     prober: IdleProber | None = None
     if cfg.policy == "static":
-        policy = StaticPolicy(cpu_m=cpu_m, batch=cfg.batch, replicas=cfg.replicas)
+        policy = StaticPolicy(cpu_m=cpu_m, batch=cfg.batch, replicas=initial_replicas)
     elif cfg.policy == "hpa":  # usage-based: no latency model to learn
         policy = make_policy("hpa", None, **hpa_params(cfg, max_cpu_m))
     else:
-        profile, why = load_offline_profile(cfg, model_path)
+        if model_file is not None:
+            profile, why = load_offline_profile(cfg, model_file)
+        else:
+            profile, why = None, "no model file here (the workers hold it)"
         policy = make_learning_policy(cfg, profile, cpu_m, max_cpu_m)
         status = policy.status()
         if status.ready:
@@ -355,7 +424,7 @@ def build_app(cfg: ServerConfig) -> FastAPI:
         else:
             log.warning("latency model: %s; serving at the safe allocation %d m, batch %d, and learning the "
                         "model online (%s)", why, cpu_m, cfg.batch, status.reason)
-        if cfg.auto_profile:
+        if cfg.auto_profile and local:  # a probe resizes and restores at once: cgroup quotas, not pods
             prober = make_prober(cfg, core, scaler, policy, max_cpu_m)
     reporter = DecisionReporter(metrics, policy, prober)
     trimmer = IdleTrimmer()
@@ -369,29 +438,45 @@ def build_app(cfg: ServerConfig) -> FastAPI:
             entry.explanation += per_batch.take_window()
         trimmer(core.arrivals, len(core.queue))  # after a burst, give its freed memory back to the OS
 
-    controller = Controller(policy, LiveView(core, scaler), LiveApplier(core, scaler, cfg.max_batch, per_batch, pool),
-                            Decision(cpu_m, cfg.batch, cfg.replicas), cfg.interval_ms, clock=core.clock,
+    controller = Controller(policy, LiveView(core, scaler, pool), LiveApplier(core, scaler, cfg.max_batch, per_batch, pool),
+                            Decision(cpu_m, cfg.batch, initial_replicas), cfg.interval_ms, clock=core.clock,
                             on_decision=on_decision)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await asyncio.gather(*(r.start() for r in replicas))
+        if local:
+            await asyncio.gather(*(r.start() for r in replicas))
+        elif replicas:  # remote: serve with the workers that answer; the others reconnect in the background
+            results = await asyncio.gather(*(r.start() for r in replicas), return_exceptions=True)
+            for r, res in zip(replicas, results):
+                if isinstance(res, BaseException):
+                    log.warning("worker %s not reachable at start (%s): serving without it, reconnecting in the "
+                                "background", r.name, res)
         for r in replicas:
             metrics.cpu.labels(r.name).set(cpu_m)
-            metrics.threads.labels(r.name).set(r.threads)
+            if r.threads is not None:
+                metrics.threads.labels(r.name).set(r.threads)
         core._count_states()
         core.start()
+        if k8s_pool is not None:
+            await k8s_pool.start()
         control_task = asyncio.create_task(controller.run(), name="controller")
         probe_task = asyncio.create_task(prober.run(), name="idle-prober") if prober is not None else None
-        log.info("serving %s (%s) on %d replica(s), %d m each, batch %d; ready %.1f s after the model file was",
-                 model_name, model_path, len(replicas), cpu_m, cfg.batch, time.monotonic() - t_model)
+        where = {"local": f"{len(replicas)} replica(s)", "remote": f"{len(replicas)} remote worker(s)",
+                 "kubernetes": f"the worker pods {cfg.selector!r} of namespace {cfg.namespace}"}[cfg.backend]
+        log.info("serving %s (%s) on %s, %d m each, batch %d; up %.1f s after the model file was",
+                 model_name, model_path, where, cpu_m, cfg.batch, time.monotonic() - t_model)
 
         async def stop_all() -> None:
             control_task.cancel()
             if probe_task is not None:
                 probe_task.cancel()
             await asyncio.gather(control_task, *([probe_task] if probe_task else []), return_exceptions=True)
+            if k8s_pool is not None:  # no more pods join while the core stops
+                k8s_pool._closed = True
             await core.close()
+            if k8s_pool is not None:
+                await k8s_pool.close()
             scaler.close()
 
         stopping: list[asyncio.Future[None]] = []
@@ -413,6 +498,8 @@ def build_app(cfg: ServerConfig) -> FastAPI:
                      max_request_elements=cfg.max_request_elements, lifespan=lifespan)
     install_admin(app, core, admin_token, scaler, controller, max_batch=cfg.max_batch)
     app.state.scaler = scaler
+    app.state.pool = pool
+    app.state.controller = controller
     return app
 
 
