@@ -612,20 +612,21 @@ class FakeCluster:
         conds = [c for c in pod["status"].get("conditions", [])
                  if c["type"] not in ("PodResizePending", "PodResizeInProgress")]
         others = sum(_allocated_cpu_m(p) for n, p in self.pods.items() if n != name)
+        gen = pod["metadata"]["generation"]  # conditions say which spec they judged (1.33 observedGeneration)
         if want > self.allocatable_cpu_m:
-            conds.append(_cond("PodResizePending", reason="Infeasible", message=(
-                f"Node didn't have enough capacity: cpu, requested: {want}, capacity: {self.allocatable_cpu_m}")))
+            conds.append({**_cond("PodResizePending", reason="Infeasible", message=(
+                f"Node didn't have enough capacity: cpu, requested: {want}, capacity: {self.allocatable_cpu_m}")),
+                "observedGeneration": gen})
         elif self.defer_resizes or want > self.allocatable_cpu_m - others:
-            conds.append(_cond("PodResizePending", reason="Deferred", message=(
+            conds.append({**_cond("PodResizePending", reason="Deferred", message=(
                 f"Node didn't have enough resource: cpu, requested: {want}, used: {others}, "
-                f"capacity: {self.allocatable_cpu_m}")))
+                f"capacity: {self.allocatable_cpu_m}")), "observedGeneration": gen})
         else:
             for c in pod["spec"]["containers"]:
                 st = statuses.get(c["name"])
                 if st is not None and "resources" in c:
                     st["allocatedResources"] = dict(_resources(c)[0])
-            conds.append(_cond("PodResizeInProgress"))
-            gen = pod["metadata"]["generation"]
+            conds.append({**_cond("PodResizeInProgress"), "observedGeneration": gen})
             self._later(self.actuate_delay_s, lambda: self._kubelet_actuated(name, gen))
         pod["status"]["conditions"] = conds
         self._record("MODIFIED", "pods", pod)

@@ -114,7 +114,11 @@ def resize_status(pod: Obj, container: str) -> ResizeStatus:
     allocated = cpu_m_of((st.get("allocatedResources") or {}).get("cpu"))
     actual_res = st.get("resources") or {}
     actual = cpu_m_of((actual_res.get("limits") or {}).get("cpu") or (actual_res.get("requests") or {}).get("cpu"))
-    conds = {c.get("type"): c for c in status.get("conditions") or []}
+    # A condition that judged an earlier spec (its observedGeneration below the pod's generation, where the
+    # cluster reports it) says nothing of the resize asked since: the kubelet has not looked at it yet.
+    gen = (pod.get("metadata") or {}).get("generation")
+    conds = {c.get("type"): c for c in status.get("conditions") or []
+             if gen is None or c.get("observedGeneration") is None or int(c["observedGeneration"]) >= int(gen)}
     pending = conds.get("PodResizePending")
     if pending is not None and pending.get("status", "True") == "True":
         reason = (pending.get("reason") or "").lower()
@@ -522,6 +526,8 @@ def api_client(context: str | None = None, config_file: str | None = None) -> k8
         cfg = k8s_client.Configuration()
         k8s_config.load_incluster_config(client_configuration=cfg)
         return k8s_client.ApiClient(cfg)
+    # $KUBECONFIG as it is now (the client reads it once, at import)
+    config_file = config_file or os.environ.get("KUBECONFIG") or None
     try:
         return k8s_config.new_client_from_config(config_file=config_file, context=context)
     except k8s_config.ConfigException as e:

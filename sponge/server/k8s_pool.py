@@ -85,7 +85,8 @@ class PodActuator:
         st = inner.last
         self._in_force: int = int(st.in_force_m or 0)
         self._sent: int | None = st.desired_m  # the last wish the API stored (the spec's at start)
-        self._wish: int | None = None
+        self._wish: int | None = None  # the wish the resize thread has not taken yet
+        self._asked: int | None = None  # the latest wish (taken or not)
         self._cv = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -104,7 +105,7 @@ class PodActuator:
         with self._cv:
             if self._closed:
                 return
-            self._wish = cpu_m
+            self._wish = self._asked = cpu_m
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=f"resize-{self.pod}", daemon=True)
                 self._thread.start()
@@ -112,6 +113,11 @@ class PodActuator:
 
     def current(self) -> int:
         return self._in_force
+
+    def wish(self) -> int | None:
+        """The allocation last asked for (not necessarily in force)."""
+        with self._cv:
+            return self._asked if self._asked is not None else self._sent
 
     def observe(self, pod: dict[str, Any]) -> None:
         """A pod object read elsewhere (the watcher's events): what is in force now."""

@@ -74,7 +74,8 @@ class LiveApplier:
             self.pool.scale_to(decision.replicas, cpu_m)
         if self.per_batch is not None and self.core.sizes_per_batch:
             self.per_batch.deferred = True
-        elif any(self.core.cpu_m[r.name] != cpu_m for r in self.core.replicas):
+        elif any(self.core.cpu_m[r.name] != cpu_m or self.scaler.wish(r.name) not in (None, cpu_m)
+                 for r in self.core.replicas):  # (a pod may still wish for an earlier decision: take it back)
             self.scaler.resize_all(cpu_m)
         self.core.set_batch(min(max(1, decision.batch), self.max_batch))
         if self.pool is None and decision.replicas != len(self.core.replicas) and not self._warned_replicas:

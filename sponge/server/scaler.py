@@ -90,7 +90,8 @@ class ReplicaScaler:
         act = self.actuators[replica.name]
         if replica.pid is not None:  # a remote worker (pid None) is its host's or the kubelet's to place
             act.attach(replica.pid)
-        act.apply(self.core.cpu_m[replica.name])
+        # a pod's resize still on its way (not yet in force) stays the wish: a reconnect does not take it back
+        act.apply(self.wish(replica.name) or self.core.cpu_m[replica.name])
         replica.set_threads(threads_for(self.core.cpu_m[replica.name]))
 
     def resize(self, name: str, cpu_m: int) -> ResizeResult:
@@ -133,6 +134,12 @@ class ReplicaScaler:
         old = self.core.cpu_m[name]
         self._book(name, cpu_m)
         log.info("replica %s: %d m now in force (was %d m)", name, cpu_m, old)
+
+    def wish(self, name: str) -> int | None:
+        """The allocation last asked of an actuator that applies asynchronously (a pod's resize may still be
+        pending, deferred or infeasible); None for the others (what they apply is in force at once)."""
+        wish = getattr(self.actuators.get(name), "wish", None)
+        return wish() if callable(wish) else None
 
     def resize_all(self, cpu_m: int) -> list[ResizeResult]:
         return [self.resize(name, cpu_m) for name in self.actuators]
