@@ -528,8 +528,9 @@ class FakeCluster:
         self._record("MODIFIED", "pods", pod)
         self._refresh_deployments()
 
-    def delete_pod(self, name: str) -> None:
-        """Graceful deletion: marked terminating (not ready) now, gone after `terminate_s`."""
+    def delete_pod(self, name: str, *, replace: bool = True) -> None:
+        """Graceful deletion: marked terminating (not ready) now, gone after `terminate_s`. A deployment's pod
+        is replaced by a new one (`replace`), as its ReplicaSet does."""
         with self._lock:
             pod = self.pods.get(name)
             if pod is None or pod["metadata"].get("deletionTimestamp"):
@@ -546,6 +547,10 @@ class FakeCluster:
             if self.pod_stopper is not None:
                 self.pod_stopper(name)
             self._later(self.terminate_s, lambda: self._remove_pod(name))
+            if replace:
+                for dep in self.deployments:
+                    if any(o.get("name") == f"{dep}-rs" for o in pod["metadata"].get("ownerReferences", [])):
+                        self._reconcile(dep)
 
     def _remove_pod(self, name: str) -> None:
         pod = self.pods.pop(name, None)
@@ -585,7 +590,7 @@ class FakeCluster:
             tmpl = dep["spec"]["template"]
             self.add_pod(name, tmpl["spec"]["containers"], tmpl["metadata"]["labels"], ready=False, owner=dep_name)
         for p in sorted(live, key=lambda p: p["metadata"]["creationTimestamp"] + p["metadata"]["name"])[want:][::-1]:
-            self.delete_pod(p["metadata"]["name"])
+            self.delete_pod(p["metadata"]["name"], replace=False)
         self._refresh_deployments()
 
     def _refresh_deployments(self) -> None:

@@ -267,10 +267,10 @@ def test_kubernetes_backend_discovers_serves_resizes_scales_and_drops(cluster: F
             assert f'sponge_k8s_pod_cpu_millicores{{pod="{first}",source="actual"}} 1000.0' in text
 
             # scale-out: the Deployment is patched, its new pod discovered, resized to the decision, serving
-            patches = resize_patches(cluster, first)
+            patches, scales = resize_patches(cluster, first), scale_patches(cluster)
             ctl.applier.apply(Decision(1000, 4, 2))  # also takes the pending 3000 m wish back to 1000
-            assert scale_patches(cluster) == 1 or await until(lambda: scale_patches(cluster) == 1, "scale PATCH")
-            assert pool.ordered() == 2
+            await until(lambda: scale_patches(cluster) == scales + 1, "the scale PATCH")
+            assert pool.ordered() == 2 and cluster.deployments[DEPLOYMENT]["spec"]["replicas"] == 2
             await until(lambda: resize_patches(cluster, first) == patches + 1, "the 3000 m wish taken back")
             await until(lambda: len(core.serving()) == 2, "the second pod serving")
             second = next(r.name for r in core.replicas if r.name != first)
@@ -296,8 +296,11 @@ def test_kubernetes_backend_discovers_serves_resizes_scales_and_drops(cluster: F
             assert len(rs) == len(xs)
             for r, v in zip(rs, xs):
                 check_answer(r, v)  # each request answered once, with its own result
-            await until(lambda: [r.name for r in core.replicas] == [first], "the deleted pod's replica dropped")
+            await until(lambda: second not in [r.name for r in core.replicas], "the deleted pod's replica dropped")
             assert second not in app.state.scaler.actuators
+            # its ReplicaSet replaced it: the new pod is discovered and serves
+            await until(lambda: len(core.serving()) == 2, "the replacement pod serving")
+            assert pool.ordered() == 2 and scale_patches(cluster) == scales + 1
             check_answer(await client.post("/v2/models/trivial/infer", json=body(x)), x)
 
     asyncio.run(asyncio.wait_for(main(), 300))
