@@ -60,9 +60,9 @@ class Workers:
         self.ips: dict[str, str] = {}
         self._lock = threading.Lock()
 
-    def start(self, name: str) -> str:
-        """Start the worker of pod `name`; its IP once it listens."""
-        ip = f"127.77.{self.base}.{next(self._n)}"
+    def start(self, name: str, ip: str | None = None) -> str:
+        """Start the worker of pod `name` (on `ip`, else the next address); its IP once it listens."""
+        ip = ip or f"127.77.{self.base}.{next(self._n)}"
         p = subprocess.Popen([sys.executable, "-m", "sponge.cli", "worker", "--model", str(self.model), "--host", ip,
                               "--port", str(self.port), "--max-threads", "1"],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
@@ -393,3 +393,11 @@ def test_sponge_serve_backend_remote_survives_a_killed_worker(workers: Workers) 
         for _ in range(5):
             check_answer(httpx.post(f"{srv.url}/v2/models/trivial/infer", json=body(x), timeout=30), x)
         assert httpx.get(f"{srv.url}/v2/health/ready").status_code == 200
+        # the worker that was down at start comes up: reconnected in the background, it serves too
+        workers.start("c", down.rsplit(":", 1)[0])
+        deadline = time.monotonic() + WAIT_S
+        while not {r["name"]: r for r in srv.admin("GET", "/admin/replicas").json()["replicas"]}[down]["ready"]:
+            assert time.monotonic() < deadline, "the late worker was never reconnected"
+            time.sleep(0.2)
+        for _ in range(5):
+            check_answer(httpx.post(f"{srv.url}/v2/models/trivial/infer", json=body(x), timeout=30), x)

@@ -644,8 +644,9 @@ class ServingCore:
         self._restarting[replica.name] = task
         try:
             await asyncio.wait({task})
-        except asyncio.CancelledError:  # shutdown: the restart goes too
+        except asyncio.CancelledError:  # shutdown: the restart goes too (no orphan process)
             task.cancel()
+            await asyncio.wait({task}, timeout=STOP_KILL_AFTER_S)
             raise
         finally:
             if self._restarting.get(replica.name) is task:

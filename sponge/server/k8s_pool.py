@@ -206,6 +206,7 @@ class KubernetesPool:
         self._desired: int | None = None  # the replica count last stored in the Deployment
         self._acts: dict[str, Any] = {}  # pod -> its actuator (read by the watcher thread)
         self._gone: set[str] = set()  # pods gone whose replica was the last serving one: removed later
+        self._readd: dict[str, Any] = {}  # pods Ready again while their old replica was still stopping
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="k8s-scale")
         self._closed = False
@@ -219,6 +220,16 @@ class KubernetesPool:
             self._retry_gone()
 
         core.on_replica_ready = ready
+        prev_gone = core.on_replica_gone
+
+        def gone(replica: Any) -> None:
+            if prev_gone is not None:
+                prev_gone(replica)
+            pod = self._readd.pop(replica.name, None)
+            if pod is not None and not self._closed:  # its pod is Ready again: a fresh replica for it
+                self._executor.submit(self._on_ready, pod)
+
+        core.on_replica_gone = gone
 
     # ---- life cycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -338,7 +349,12 @@ class KubernetesPool:
             if core.state.get(name) == DRAINING and task is not None and not task.done():
                 core.state[name] = READY
                 core._count_states()
+                own = self.scaler.actuators.get(name)
+                if own is not None:  # its events are followed again
+                    self._acts[name] = own
                 log.info("worker pod %s ready again: drain cancelled", name)
+            elif core.state.get(name) == DRAINING:  # too late to take back: a new replica once it is gone
+                self._readd[name] = pod
             return
         cpu = act.current() or self.target_cpu_m or self.scaler.min_cpu_m
         replica = ConnectingReplica(name, pod.ip, self.port, **self.replica_kw)
