@@ -37,6 +37,7 @@ from fake_apiserver import FakeCluster  # noqa: E402
 
 from sponge.config import ConfigError, ServerConfig  # noqa: E402
 from sponge.models.trivial import trivial_model_path, trivial_weights  # noqa: E402
+from sponge.policy.baselines import StaticPolicy  # noqa: E402
 from sponge.policy.types import Decision  # noqa: E402
 from sponge.server.process import ServerProcess  # noqa: E402
 from sponge.server.serve import build_app  # noqa: E402
@@ -249,7 +250,9 @@ def test_kubernetes_backend_discovers_serves_resizes_scales_and_drops(cluster: F
             assert core.cpu_m[first] == 500 and pool.ordered() == 1 and pool.starting() == 0
 
             # a controller resize is a pods/resize PATCH; the core follows once the kubelet has put it in force
-            ctl.applier.apply(Decision(1000, 4, 1))
+            ctl.policy = StaticPolicy(cpu_m=1000, batch=4, replicas=1)  # a tick of the controller itself
+            entry = ctl.tick()
+            assert (entry.cpu_m, entry.replicas) == (1000, 1)
             await until(lambda: core.cpu_m[first] == 1000, "1000 m in force")
             assert resize_patches(cluster, first) == 1
             assert cluster.pods[first]["status"]["containerStatuses"][0]["resources"]["limits"]["cpu"] == "1"
@@ -306,6 +309,7 @@ def test_kubernetes_backend_discovers_serves_resizes_scales_and_drops(cluster: F
     asyncio.run(asyncio.wait_for(main(), 300))
 
 
+@pytest.mark.slow
 def test_kubernetes_backend_keeps_the_last_replica_when_its_pod_goes(cluster: FakeCluster, workers: Workers) -> None:
     """The only worker pod is deleted: its replica is not removed while it is the last one that serves,
     requests then fail cleanly (or wait for a new one) rather than hang; a new pod takes over."""

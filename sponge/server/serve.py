@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import functools
 import logging
@@ -460,6 +461,11 @@ def build_app(cfg: ServerConfig) -> FastAPI:
         core.start()
         if k8s_pool is not None:
             await k8s_pool.start()
+            have = k8s_pool.ordered()
+            if have >= 1 and have != controller.current.replicas:  # the controller starts from the truth
+                log.warning("worker deployment %s has %d replica(s); the controller starts from that (it may "
+                            "order 1..%d)", cfg.worker_deployment, have, cfg.replica_limit)
+                controller.current = dataclasses.replace(controller.current, replicas=have)
         control_task = asyncio.create_task(controller.run(), name="controller")
         probe_task = asyncio.create_task(prober.run(), name="idle-prober") if prober is not None else None
         where = {"local": f"{len(replicas)} replica(s)", "remote": f"{len(replicas)} remote worker(s)",
