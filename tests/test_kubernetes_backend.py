@@ -361,7 +361,8 @@ def test_sponge_serve_backend_kubernetes_subprocess(cluster: FakeCluster, worker
 @pytest.mark.slow
 def test_sponge_serve_backend_remote_survives_a_killed_worker(workers: Workers) -> None:
     """Two workers on loopback, a third address nobody listens on (the server starts anyway); one worker
-    SIGKILLed mid-run: the other keeps serving, no request hangs, each is answered once."""
+    SIGKILLed mid-run: the other keeps serving, no request hangs or fails (the batch in flight on the killed
+    one is queued again), each is answered once with its own result."""
     ips = [workers.start("a"), workers.start("b")]
     down = f"127.77.{workers.base}.250:{workers.port}"
     spec = ",".join(f"{ip}:{workers.port}" for ip in ips) + "," + down
@@ -385,14 +386,8 @@ def test_sponge_serve_backend_remote_survives_a_killed_worker(workers: Workers) 
 
         rs = asyncio.run(run())
         assert len(rs) == len(xs)
-        failed = 0
-        for r, v in zip(rs, xs):
-            if r.status_code == 500:  # a batch in flight on the killed worker: failed cleanly, once
-                assert "inference failed" in r.json()["error"]
-                failed += 1
-            else:
-                check_answer(r, v)
-        assert failed <= 4  # at most the batch in flight there (batch 2, 4 concurrent)
+        for r, v in zip(rs, xs):  # a batch in flight on the killed worker was queued again for the other one
+            check_answer(r, v)
         x = np.ones((3, 16), np.float32)
         for _ in range(5):
             check_answer(httpx.post(f"{srv.url}/v2/models/trivial/infer", json=body(x), timeout=30), x)

@@ -752,8 +752,9 @@ def netns3() -> Any:
 def test_netns_worker_killed_mid_batch_and_link_cut(heavy_model: Path, netns3: Netns) -> None:
     """Three workers in their own network namespaces behind veth links, served through one
     ServingCore in the host namespace. Worker 0 is SIGKILLed with a batch in flight; worker 1's link
-    is cut. Every request is answered once (served correctly or failed), within the timeouts; worker 2
-    keeps serving; worker 1 is back once its link is."""
+    is cut. Every request is answered once (served correctly, or failed), within the timeouts: a batch
+    in flight at a fault is queued again for another replica; worker 2 keeps serving; worker 1 is back
+    once its link is."""
     from sponge.scheduling.batcher import ExpiryPolicy
     from sponge.server.core import InferenceFailed, ServingCore
     from sponge.server.metrics import Metrics
@@ -831,15 +832,17 @@ def test_netns_worker_killed_mid_batch_and_link_cut(heavy_model: Path, netns3: N
             failed = [o for o in outcomes if o[0] == "failed"]
             ok = [o for o in outcomes if o[0] == "ok"]
             assert len(ok) + len(failed) == len(tasks)
-            assert 1 <= len(failed) <= 16, failed  # the batches in flight at the two faults, no more
+            # the batches in flight at the two faults are queued again (once) for another replica: served by
+            # w2, unless one was re-dispatched to w1 just before its link was cut (then it failed)
+            redispatched = core.metrics.registry.get_sample_value("sponge_requests_redispatched_total",
+                                                                  {"model": "m"}) or 0.0
+            assert redispatched >= 1 and len(failed) <= 16, (redispatched, failed)
             assert max(o[1] for o in outcomes) < 5.0  # bounded by the ping timeout, far below the batch timeout
             assert {o[2] for o in ok} == {"w0", "w1", "w2"}
             assert all("w0" in o[2] or "w1" in o[2] for o in failed), failed
-            # w0's batch in flight at the SIGKILL failed (the kernel closes its socket: FIN, or RST if data
-            # was unread), w1's behind the cut link too (no ping answered within 0.6 s)
-            assert any("w0" in o[2] and ("closed the connection" in o[2] or "connection lost" in o[2])
-                       for o in failed), failed
-            assert any("w1" in o[2] and "ping" in o[2] for o in failed), failed
+            # w0's connection dropped at the SIGKILL (the kernel closes its socket: FIN, or RST if data was
+            # unread), w1's behind the cut link too (no ping answered within 0.6 s)
+            assert reps[0].deaths >= 1 and reps[1].deaths >= 1
             print(f"{len(ok)} served, {len(failed)} failed, longest wait {max(o[1] for o in outcomes):.2f} s")
             # the cut worker is back (reconnected by the core's restart loop) once its link is
             _ip("link", "set", net.host_links[1], "up")

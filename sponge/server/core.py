@@ -82,6 +82,7 @@ class Pending:
     arrival_ms: float
     future: asyncio.Future[Served] = field(repr=False)
     entry: Entry["Pending"] | None = field(default=None, repr=False)  # its place in the queue (for cancel)
+    redispatched: int = 0  # times queued again after its remote worker was lost with it in flight
 
 
 def _fail(pendings: list[Pending], exc: Exception) -> None:
@@ -692,7 +693,13 @@ class ServingCore:
         try:
             async with asyncio.timeout(timeout_ms / 1000.0):  # no extra task per batch (unlike wait_for)
                 result = await replica.infer(inputs)
-        except (ReplicaDied, ReplicaError) as exc:
+        except ReplicaDied as exc:
+            if replica.pid is None:  # a remote worker lost (connection, host, pod): the batch may go elsewhere
+                self._redispatch(pendings, exc)
+            else:  # a local process died on it: the batch may be what killed it; not tried again
+                _fail(pendings, InferenceFailed(str(exc)))
+            return
+        except ReplicaError as exc:
             _fail(pendings, InferenceFailed(str(exc)))
             return
         except TimeoutError:  # hung (stopped, deadlocked): kill it, the dispatch loop restarts it; the
@@ -732,6 +739,34 @@ class ServingCore:
             if not p.future.done():
                 p.future.set_result(Served(part, images, start - p.arrival_ms, result.infer_ms,
                                            self.cpu_m[replica.name], replica.name, len(pendings)))
+
+    def _redispatch(self, pendings: list[Pending], exc: Exception) -> None:
+        """Queue again (once each, in EDF order as before) the requests of a batch whose remote worker was lost
+        with it in flight: inference has no side effects, and the lost connection can deliver no late answer
+        (RemoteReplica), so each is still answered exactly once. One already re-dispatched, whose deadline has
+        passed, or that no longer fits the queue fails as before (500)."""
+        now = self.clock()
+        again = 0
+        for p in pendings:
+            if p.future.done():
+                continue
+            if p.redispatched >= 1 or p.budget.deadline_ms <= now or self._closing:
+                p.future.set_exception(InferenceFailed(str(exc)))
+                continue
+            try:
+                p.entry = self.queue.push(p, p.budget.deadline_ms, p.arrival_ms, size=p.items, key=shape_key(p.inputs))
+            except QueueFull:
+                p.future.set_exception(InferenceFailed(str(exc)))
+                continue
+            p.redispatched += 1
+            again += 1
+        if again:
+            log.warning("%s: %d request(s) of its batch queued again for another replica", exc, again)
+            self.metrics.redispatched.labels(self.model_name).inc(again)
+            self.metrics.queue_length.labels(self.model_name).set(len(self.queue))
+            self._head_changed.set()
+            self.version += 1
+            self._wakeup.set()
 
     def record_batch(self, sample: BatchSample) -> None:
         """Keep a served batch (or a probe's) for the controller's next observation (bounded: the oldest

@@ -54,6 +54,9 @@ class Metrics:
                                               "(dropped; the controller asks again if it still wants them)", registry=r)
         self.replica_restarts = Counter("sponge_replica_restarts", "Replica processes restarted after dying",
                                         ["replica"], registry=r)
+        self.redispatched = Counter("sponge_requests_redispatched", "Requests of a batch whose remote worker was "
+                                    "lost with it in flight, queued again (once) for another replica",
+                                    ["model"], registry=r)
         self.dispatch_errors = Counter("sponge_dispatch_errors", "Unexpected errors in a dispatch loop (the "
                                        "batch's requests are answered 500; the loop goes on)", ["model"], registry=r)
         self.stalls = Counter("sponge_batch_stalls", "Served batches far slower than the estimate, set aside "
