@@ -47,7 +47,7 @@ class ServerConfig(BaseModel):
     max_batch_wait_ms: float = Field(
         DEFAULT_MAX_WAIT_MS, ge=0, description="longest wait for a fuller batch (slack permitting); 0 = greedy: a free replica takes what is queued"
     )
-    replicas: int = Field(1, ge=1, le=64, description="replicas at start (each a worker process in its own cgroup)")
+    replicas: int = Field(1, ge=1, le=64, description="replicas at start (local: each a worker process in its own cgroup; kubernetes: worker pods)")
     max_replicas: int | None = Field(None, ge=1, le=64, description="most replicas the controller may run: above "
                                      "--replicas, it adds replicas while serving (each pays a real cold start) and "
                                      "removes them (drained); the default policy is then joint (default: --replicas, "

@@ -14,6 +14,7 @@ Remote: two workers on loopback, one SIGKILLed (its PID) while requests flow: th
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import json
 import os
@@ -177,6 +178,44 @@ def test_backend_flags_and_defaults() -> None:
     assert cfg.worker_addresses() == [("10.0.0.1", 9000), ("10.0.0.2", 9001)]
     assert cfg.policy == "static"  # their CPU is their hosts': nothing for a CPU policy to move
     assert ServerConfig.load(None, {}).backend == "local"
+
+
+# ---- the pod actuator: never blocking, latest wish wins, in force as read --------------------------------
+
+
+def test_pod_actuator_never_blocks_and_the_latest_wish_wins(tmp_path: Path) -> None:
+    from sponge.scaling.kubernetes import from_config
+    from sponge.server.k8s_pool import PodActuator
+
+    with FakeCluster(NS, kubelet_delay_s=0.02, actuate_delay_s=0.02) as fc:
+        fc.add_pod("w0", [container("500m")], {"app": "sponge-worker"})
+        kc = tmp_path / "kubeconfig"
+        kc.write_text(json.dumps(fc.kubeconfig("fake")))
+        backend = from_config(NS, SELECTOR, context="fake", config_file=str(kc))
+        seen: list[int] = []
+        act = PodActuator(backend.actuator("w0"), on_change=seen.append)
+        try:
+            assert act.current() == 500 and act.wish() == 500
+            with fc._lock:  # the API server cannot answer now: apply must not wait for it
+                t0 = time.monotonic()
+                for cpu in (600, 700, 800):
+                    act.apply(cpu)
+                assert time.monotonic() - t0 < 0.5
+                assert act.current() == 500 and act.wish() == 800  # asked, not in force
+            deadline = time.monotonic() + 10
+            while act.current() != 800:  # what the watcher does with each pod event it sees
+                assert time.monotonic() < deadline, "800 m never came into force"
+                time.sleep(0.02)
+                with fc._lock:
+                    pod = copy.deepcopy(fc.get_pod("w0"))
+                act.observe(pod)
+            assert 1 <= act.patches <= 2  # 600 perhaps (taken at once), then only the latest: 800
+            assert seen[-1] == 800 and 700 not in seen
+            assert sum(1 for m, path, _ in fc.requests if m == "PATCH" and path.endswith("/pods/w0/resize")) \
+                == act.patches
+        finally:
+            act.close()
+            backend.close()
 
 
 # ---- kubernetes, in process ---------------------------------------------------------------------------
