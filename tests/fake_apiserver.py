@@ -528,6 +528,18 @@ class FakeCluster:
         self._record("MODIFIED", "pods", pod)
         self._refresh_deployments()
 
+    def set_ready(self, name: str, ready: bool) -> None:
+        """A readiness probe starts failing (or passing again): the pod's Ready conditions follow."""
+        with self._lock:
+            pod = self.pods[name]
+            for c in pod["status"].get("conditions", []):
+                if c["type"] in ("Ready", "ContainersReady"):
+                    c["status"] = "True" if ready else "False"
+            for st in pod["status"].get("containerStatuses", []):
+                st["ready"] = ready
+            self._record("MODIFIED", "pods", pod)
+            self._refresh_deployments()
+
     def delete_pod(self, name: str, *, replace: bool = True) -> None:
         """Graceful deletion: marked terminating (not ready) now, gone after `terminate_s`. A deployment's pod
         is replaced by a new one (`replace`), as its ReplicaSet does."""

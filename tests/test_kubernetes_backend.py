@@ -373,6 +373,33 @@ def test_kubernetes_backend_keeps_the_last_replica_when_its_pod_goes(cluster: Fa
 
 
 @pytest.mark.slow
+def test_kubernetes_backend_follows_a_pod_readiness_flap(cluster: FakeCluster, workers: Workers) -> None:
+    """A pod that turns unready (its readiness probe fails) is drained out of service while another serves;
+    Ready again, it serves again (a fresh replica, or its drain taken back)."""
+    app = build_app(k8s_config(workers, replicas=2, max_replicas=2))
+
+    async def main() -> None:
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://sponge", timeout=WAIT_S) as client:
+            core = app.state.core
+            cluster.add_deployment(DEPLOYMENT, 2, [container("500m")], {"app": "sponge-worker"})
+            await until(lambda: len(core.serving()) == 2, "two worker pods serving")
+            flap = sorted(r.name for r in core.replicas)[0]
+            cluster.set_ready(flap, False)
+            await until(lambda: flap not in [r.name for r in core.serving()], "the unready pod out of service")
+            assert app.state.pool.starting() == 1  # ordered, not Ready: starting for the controller
+            x = np.ones((2, 16), np.float32)
+            for _ in range(3):
+                check_answer(await client.post("/v2/models/trivial/infer", json=body(x)), x)
+            cluster.set_ready(flap, True)
+            await until(lambda: flap in [r.name for r in core.serving()], "the pod back in service")
+            assert app.state.pool.starting() == 0
+            check_answer(await client.post("/v2/models/trivial/infer", json=body(x)), x)
+
+    asyncio.run(asyncio.wait_for(main(), 180))
+
+
+@pytest.mark.slow
 def test_sponge_serve_backend_kubernetes_subprocess(cluster: FakeCluster, workers: Workers, tmp_path: Path) -> None:
     """The real command: `sponge serve --backend kubernetes` with KUBECONFIG pointing at the fake."""
     cluster.add_deployment(DEPLOYMENT, 1, [container("500m")], {"app": "sponge-worker"})
