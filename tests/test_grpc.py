@@ -221,6 +221,45 @@ def test_core_refusals_map_to_status_codes_with_a_retry_hint():
     asyncio.run(go())
 
 
+def test_message_limit_and_large_messages_decoded_off_the_loop():
+    """The receive limit is max_body_bytes (gRPC refuses beyond it: RESOURCE_EXHAUSTED); a message of
+    256 KiB or more is parsed on the body decoder's threads, and its checks still answer."""
+    from test_front_door_fixes import FakeReplica, make_core
+
+    from sponge.server.grpc_service import GrpcService
+
+    async def go() -> None:
+        core = make_core(FakeReplica())
+        service = GrpcService(core, max_message_bytes=1 << 20, default_slo_ms=1000.0, max_clock_skew_ms=200.0,
+                              max_request_batch=8)
+        core.start()
+        port = await service.start("127.0.0.1", 0)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[
+            ("grpc.max_send_message_length", 8 << 20)])
+        stub = pb.Stub(channel)
+        try:
+            for rows, code, details in ((70_000, grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
+                                        (20_000, grpc.StatusCode.INVALID_ARGUMENT,
+                                         "request batch 20000 exceeds the server's maximum of 8")):
+                x = np.ones((rows, 4), np.float32)
+                msg = pb.ModelInferRequest.FromString(request(("x", "FP32", [rows, 4]), raw=[x.tobytes()]))
+                with pytest.raises(grpc.aio.AioRpcError) as exc:
+                    await stub.ModelInfer(msg)
+                assert exc.value.code() == code and details in exc.value.details(), exc.value.details()
+            assert service.decoder.counts["thread"] == 1  # the 320 KB one; the 1.1 MB one never reached us
+            ok = pb.ModelInferRequest.FromString(request(("x", "FP32", [1, 4]), raw=[np.ones((1, 4), np.float32).tobytes()]))
+            resp = await stub.ModelInfer(ok)
+            assert np.frombuffer(resp.raw_output_contents[0], np.float32).tolist() == [2.0] * 4
+            assert service.decoder.counts["inline"] == 1
+        finally:
+            await channel.close()
+            await service.stop(0.5)
+            await core.close()
+            service.decoder.close()
+
+    asyncio.run(go())
+
+
 # ---- end to end: a real `sponge serve` with --grpc-port, through tritonclient.grpc ----------------------
 @pytest.fixture(scope="module")
 def server():
@@ -464,3 +503,49 @@ def test_errors_through_the_client_and_serving_goes_on(server, client):
                      r'([3-9]|\d\d+)\.0', text)
     assert re.search(r'sponge_requests_by_protocol_total\{model="trivial",outcome="ok",protocol="grpc"\}', text)
     assert 'sponge_requests_total{model="trivial",outcome="invalid"}' in text  # the existing metric, as before
+
+
+@pytest.mark.slow
+def test_sigterm_under_grpc_load_exits_within_5_s_and_every_call_is_answered(tmp_path):
+    """60 calls of ~50-150 ms each (256 KiB messages: parsed on the decoder's threads) queued on one
+    replica: SIGTERM. The process exits within 5 s; every call is answered, OK if served before, else
+    UNAVAILABLE "shutting down" (the gRPC server stops alongside the serving core)."""
+    from serverproc import ServerProcess
+    from test_dispatch_faults import _sigterm_and_time, build_slow_model, wait_queued
+
+    model = build_slow_model(tmp_path / "slow.onnx")
+    srv = ServerProcess("--model", str(model), "--batch", "1", "--actuator", "none", grpc=True)
+    try:
+        x = np.ones((64, 1024), np.float32)
+        req = pb.ModelInferRequest(model_name="slow", raw_input_contents=[x.tobytes()])
+        req.inputs.add(name="x", datatype="FP32", shape=[64, 1024])
+        req.parameters["slo_ms"].double_param = 60000.0
+        body = req.SerializeToString()
+
+        async def run():
+            async with grpc.aio.insecure_channel(srv.grpc_url) as ch:
+                call = ch.unary_unary(pb.path("ModelInfer"))
+
+                async def one() -> tuple[str, str]:
+                    try:
+                        await call(body, timeout=30)
+                        return "OK", ""
+                    except grpc.aio.AioRpcError as exc:
+                        return exc.code().name, exc.details() or ""
+
+                tasks = [asyncio.create_task(one()) for _ in range(60)]
+                await asyncio.to_thread(wait_queued, srv, 20)
+                took = await asyncio.to_thread(_sigterm_and_time, srv)
+                return took, await asyncio.gather(*tasks)
+
+        took, rs = asyncio.run(run())
+        assert took < 5.0, took
+        codes = [c for c, _ in rs]
+        # none hangs (that would be DEADLINE_EXCEEDED at 30 s); a call whose message was still being
+        # received when the gRPC server stopped is CANCELLED by gRPC itself (the server stops after the core
+        # for that reason: seen in 1 of ~30 runs, before in ~1 of 4)
+        assert set(codes) <= {"OK", "UNAVAILABLE", "CANCELLED"}, [r for r in rs if r[0] not in ("OK", "UNAVAILABLE")]
+        assert codes.count("UNAVAILABLE") >= len(rs) // 2, rs
+        assert all("shutting down" in d for c, d in rs if c == "UNAVAILABLE"), rs
+    finally:
+        srv.stop()

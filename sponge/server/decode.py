@@ -78,6 +78,10 @@ class DecoderFailed(Exception):
     """The decoding process died (e.g. killed for memory): a server fault, answered 500."""
 
 
+class DecoderClosed(Exception):
+    """The decoder was closed (the server is stopping) while a body waited for its threads."""
+
+
 class BodyDecoder:
     """Routes each body to inline / thread / process decoding by size (see the module docstring)."""
 
@@ -127,7 +131,13 @@ class BodyDecoder:
             self.counts["inline"] += 1
             return fn(*args)
         self.counts["thread"] += 1
-        return await asyncio.get_running_loop().run_in_executor(self._threads, functools.partial(fn, *args))
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._threads, functools.partial(fn, *args))
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._closed and task is not None and not task.cancelling():  # our pool stopped, not the caller
+                raise DecoderClosed("server is shutting down") from None
+            raise
 
     def _pool(self) -> ProcessPoolExecutor:
         if self._process is None:  # spawn, not fork: this process runs an event loop and threads

@@ -33,7 +33,7 @@ from sponge.protocol import grpc_v2 as pb
 from sponge.protocol.grpc_v2.codec import check_model, decode_model_infer, encode_model_infer
 from sponge.protocol.v2 import Limits, ProtocolError
 from sponge.server.core import DeadlineExpired, InferenceFailed, ServerBusy, ServingCore, ShuttingDown
-from sponge.server.decode import BodyDecoder, DecoderFailed
+from sponge.server.decode import BodyDecoder, DecoderClosed, DecoderFailed
 from sponge.server.frontdoor import FrontDoor, requested_outputs
 from sponge.server.slo import HEADER_OF, request_budget
 
@@ -183,6 +183,9 @@ class GrpcService:
         except DecoderFailed as exc:
             door.count("error")
             raise Abort(grpc.StatusCode.INTERNAL, str(exc)) from None
+        except DecoderClosed as exc:  # stopping while the message waited for a decoder thread
+            door.count("error")
+            raise Abort(grpc.StatusCode.UNAVAILABLE, f"server busy: {exc}", 1) from None
         try:
             answer = await door.serve(req.inputs, items, budget, arrival_ms,
                                       lambda pending: asyncio.shield(pending.future))

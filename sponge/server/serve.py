@@ -415,9 +415,21 @@ def run(cfg: ServerConfig) -> None:
                     self.should_exit = True
 
         async def shutdown(self, sockets: Any = None) -> None:
+            t0 = time.monotonic()
             stop = getattr(app.state, "stop_serving", None)
             stopping = asyncio.ensure_future(stop()) if stop is not None else None
-            grpc_stopping = asyncio.ensure_future(grpc_service.stop(SHUTDOWN_GRACE_S))
+
+            async def stop_grpc() -> None:
+                """After the core: meanwhile every RPC, queued or arriving, is answered UNAVAILABLE "shutting
+                down" by it (stopping gRPC first would cancel those still being received: CANCELLED, which
+                says less). Then refuse new RPCs; the rest (uploads in progress) until SHUTDOWN_GRACE_S."""
+                try:
+                    if stopping is not None:
+                        await asyncio.shield(stopping)
+                finally:
+                    await grpc_service.stop(max(0.2, SHUTDOWN_GRACE_S - (time.monotonic() - t0)))
+
+            grpc_stopping = asyncio.ensure_future(stop_grpc())
             try:
                 await super().shutdown(sockets)
             finally:
