@@ -52,7 +52,8 @@ def test_messages_coexist_with_tritonclient_and_match_its_field_numbers():
     def fields(desc, prefix=""):
         out = {}
         for f in desc.fields:
-            out[prefix + f.name] = (f.number, f.type, f.is_repeated, f.message_type.full_name if f.message_type else None)
+            kind = f.message_type.full_name if f.message_type else None
+            out[prefix + f.name] = (f.number, f.type, f.is_repeated, kind)
         for nested in desc.nested_types:
             out.update(fields(nested, f"{prefix}{nested.name}."))
         return out
@@ -200,7 +201,8 @@ def test_core_refusals_map_to_status_codes_with_a_retry_hint():
                 await pb.Stub(channel).ModelInfer(pb.ModelInferRequest.FromString(body))
             assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "server busy: queue is full (retry after 3 s)" in exc.value.details()
-            assert ("retry-after", "3") in tuple(exc.value.trailing_metadata())
+            trailers = tuple(exc.value.trailing_metadata())
+            assert ("retry-after", "3") in trailers and ("grpc-retry-pushback-ms", "3000") in trailers
             core.submit = submit  # type: ignore[method-assign]
 
             async def dying(inputs):
@@ -247,7 +249,8 @@ def test_message_limit_and_large_messages_decoded_off_the_loop():
                     await stub.ModelInfer(msg)
                 assert exc.value.code() == code and details in exc.value.details(), exc.value.details()
             assert service.decoder.counts["thread"] == 1  # the 320 KB one; the 1.1 MB one never reached us
-            ok = pb.ModelInferRequest.FromString(request(("x", "FP32", [1, 4]), raw=[np.ones((1, 4), np.float32).tobytes()]))
+            one = np.ones((1, 4), np.float32)
+            ok = pb.ModelInferRequest.FromString(request(("x", "FP32", [1, 4]), raw=[one.tobytes()]))
             resp = await stub.ModelInfer(ok)
             assert np.frombuffer(resp.raw_output_contents[0], np.float32).tolist() == [2.0] * 4
             assert service.decoder.counts["inline"] == 1

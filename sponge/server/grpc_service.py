@@ -12,11 +12,13 @@ Errors, as gRPC status codes (the message is the HTTP answer's `error`):
     malformed request, a tensor the model or the caps refuse   INVALID_ARGUMENT  (HTTP 400 / 413)
     unknown model or version                                   NOT_FOUND         (404)
     a budget that cannot be met                                DEADLINE_EXCEEDED (504)
-    admission refused: overloaded, queue full                  RESOURCE_EXHAUSTED + `retry-after` (503)
-    shutting down                                              UNAVAILABLE + `retry-after` (503)
+    admission refused: overloaded, queue full                  RESOURCE_EXHAUSTED + retry hint (503)
+    shutting down                                              UNAVAILABLE + retry hint (503)
     replica failure                                            INTERNAL          (500)
 
-A message over the receive limit (`max_body_bytes`) is refused by gRPC itself (RESOURCE_EXHAUSTED).
+The retry hint is trailing metadata: `retry-after` in seconds (HTTP's Retry-After) and
+`grpc-retry-pushback-ms`, which gRPC's own retry policy honours. A message over the receive limit
+(`max_body_bytes`) is refused by gRPC itself (RESOURCE_EXHAUSTED).
 """
 
 from __future__ import annotations
@@ -158,7 +160,10 @@ class GrpcService:
         try:
             return await self._infer(body, context)
         except Abort as a:
-            metadata = () if a.retry_after_s is None else (("retry-after", str(a.retry_after_s)),)
+            # the hint in seconds as HTTP's Retry-After, and in milliseconds as gRPC's own retry policy reads
+            # it from a server (gRFC A6 pushback)
+            metadata = () if a.retry_after_s is None else (
+                ("retry-after", str(a.retry_after_s)), ("grpc-retry-pushback-ms", str(1000 * a.retry_after_s)))
             await context.abort(a.code, a.message, trailing_metadata=metadata)
             raise  # not reached: abort raises
         except Exception as exc:  # a bug: keep serving, say what broke (HTTP's 500 "internal error")
