@@ -148,6 +148,42 @@ def test_codec_bytes_raw_contents_and_unknown_model_version():
         decode(b"\xff\xff\xff")
 
 
+def test_codec_mangled_messages_are_protocol_errors_or_valid_never_a_crash():
+    """Seeded mutations (bit flips, truncations, spliced bytes) of valid requests, raw and typed, on a model
+    with a BYTES and an FP32 input: each decodes or is a ProtocolError (INVALID_ARGUMENT / NOT_FOUND),
+    never another exception (which the server would answer INTERNAL)."""
+    specs = [TensorSpec("x", "FP32", (-1, 4)), TensorSpec("s", "BYTES", (-1, 2))]
+    raw = pb.ModelInferRequest(model_name="m", raw_input_contents=[
+        np.ones((2, 4), np.float32).tobytes(), b"".join(struct.pack("<I", 1) + b"a" for _ in range(4))])
+    raw.inputs.add(name="x", datatype="FP32", shape=[2, 4])
+    raw.inputs.add(name="s", datatype="BYTES", shape=[2, 2])
+    codec.set_parameters(raw.parameters, {"slo_ms": 100.0})
+    typed = pb.ModelInferRequest(model_name="m")
+    typed.inputs.add(name="x", datatype="FP32", shape=[1, 4]).contents.fp32_contents.extend([1.0] * 4)
+    typed.inputs.add(name="s", datatype="BYTES", shape=[1, 2]).contents.bytes_contents.extend([b"a", b"bc"])
+    rng = np.random.default_rng(13)
+    outcomes = {"ok": 0, "refused": 0}
+    for base in (raw.SerializeToString(), typed.SerializeToString()):
+        decode(base, specs)  # both valid as they are
+        for _ in range(1500):
+            b = bytearray(base)
+            for _ in range(int(rng.integers(1, 4))):
+                kind, i = int(rng.integers(3)), int(rng.integers(len(b)))
+                if kind == 0:
+                    b[i] ^= 1 << int(rng.integers(8))
+                elif kind == 1:
+                    del b[i:i + int(rng.integers(1, 16))]
+                else:
+                    b[i:i] = rng.integers(0, 256, int(rng.integers(1, 8)), dtype=np.uint8).tobytes()
+            try:
+                decode(bytes(b), specs)
+                outcomes["ok"] += 1
+            except ProtocolError as exc:
+                assert exc.status in (400, 404, 413), exc
+                outcomes["refused"] += 1
+    assert outcomes["refused"] > 1000 and outcomes["ok"] > 0, outcomes
+
+
 # ---- the status-code mapping of the core's refusals, in process (stock tritonclient.grpc.aio) ---------------
 def test_core_refusals_map_to_status_codes_with_a_retry_hint():
     import tritonclient.grpc.aio as tga
