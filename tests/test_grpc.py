@@ -264,7 +264,7 @@ def test_message_limit_and_large_messages_decoded_off_the_loop():
     256 KiB or more is parsed on the body decoder's threads, and its checks still answer."""
     from test_front_door_fixes import FakeReplica, make_core
 
-    from sponge.server.grpc_service import GrpcService
+    from sponge.server.grpc_service import GrpcBindError, GrpcService
 
     async def go() -> None:
         core = make_core(FakeReplica())
@@ -290,6 +290,11 @@ def test_message_limit_and_large_messages_decoded_off_the_loop():
             resp = await stub.ModelInfer(ok)
             assert np.frombuffer(resp.raw_output_contents[0], np.float32).tolist() == [2.0] * 4
             assert service.decoder.counts["inline"] == 1
+            # a second server on the same port: refused (SO_REUSEPORT off), not silently sharing it
+            other = GrpcService(core, max_message_bytes=1 << 20, default_slo_ms=1000.0, max_clock_skew_ms=200.0,
+                                max_request_batch=8)
+            with pytest.raises(GrpcBindError):
+                await other.start("127.0.0.1", port)
         finally:
             await channel.close()
             await service.stop(0.5)

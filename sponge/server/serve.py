@@ -399,9 +399,9 @@ def run(cfg: ServerConfig) -> None:
         """The gRPC server starts once uvicorn has started (the lifespan ran: replicas up, core serving; the
         HTTP port bound) on the same event loop, and stops with it.
         At SIGTERM the serving core stops at once (bounded), concurrently with uvicorn's wait for open
-        connections and gRPC's grace for RPCs in flight: their requests are answered ("server is shutting
-        down") rather than waited for. uvicorn runs the lifespan's end only after every connection has
-        closed, so a request held in the queue would otherwise hold the exit forever."""
+        connections: their requests are answered ("server is shutting down") rather than waited for. uvicorn
+        runs the lifespan's end only after every connection has closed, so a request held in the queue
+        would otherwise hold the exit forever. The gRPC server stops once the core has (`stop_grpc`)."""
 
         async def startup(self, sockets: Any = None) -> None:
             await super().startup(sockets)
