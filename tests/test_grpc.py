@@ -542,11 +542,16 @@ def test_errors_through_the_client_and_serving_goes_on(server, client):
     assert code == "StatusCode.INVALID_ARGUMENT" and "'parameters.slo_ms' must be in (0," in message
     y = client.infer("trivial", [fp32_input(ONE)]).as_numpy("y")
     assert y.shape == (1, 16) and np.isfinite(y).all()
+    r = httpx.post(f"{server.url}/v2/models/trivial/infer", timeout=30, json={
+        "inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": [1.0] * 16}]})
+    assert r.status_code == 200, r.text
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
     assert re.search(r'sponge_requests_by_protocol_total\{model="trivial",outcome="invalid",protocol="grpc"\} '
                      r'([3-9]|\d\d+)\.0', text)
     assert re.search(r'sponge_requests_by_protocol_total\{model="trivial",outcome="ok",protocol="grpc"\}', text)
     assert 'sponge_requests_total{model="trivial",outcome="invalid"}' in text  # the existing metric, as before
+    # the HTTP request above, by its own front door
+    assert re.search(r'sponge_requests_by_protocol_total\{model="trivial",outcome="ok",protocol="http"\} [1-9]', text)
 
 
 @pytest.mark.slow
