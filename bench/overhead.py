@@ -1,5 +1,13 @@
 """Latency the server adds over a direct in-process runtime call, and saturated throughput vs the
-runtime's own best batched throughput (issue 2). Real server process, real HTTP on loopback.
+runtime's own best batched throughput (issue 2). Real server process, real HTTP and gRPC on loopback.
+
+Front doors: HTTP with binary tensors (the load client: `sponge.workload.httpclient`, a minimal keep-alive
+HTTP/1.1 client on asyncio streams, one connection per concurrent client) and gRPC with raw contents
+(issue 13; the load client: grpc.aio stubs from `sponge.protocol.grpc_v2` on one channel — one HTTP/2
+connection multiplexing the concurrent calls — sending a request serialized once, not tritonclient, whose
+per-request Python work would dominate). Both clients run in this process, on the same 2 cores as the
+server on a small machine: each row states the client's own CPU (process CPU seconds / wall seconds, in
+cores, and as a share of the machine's cores), which the server did not get.
 
 Usage: python bench/overhead.py [--quick]
 """
@@ -14,12 +22,16 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import orjson
 
+from sponge.protocol import grpc_v2 as pb
 from sponge.runtime.onnx_runtime import OnnxRuntime
 from sponge.server.process import ServerProcess
 from sponge.workload.httpclient import Conn, closed_loop
+
+GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -79,6 +91,60 @@ async def serial_latency(port: int, path: str, body: bytes, headers: dict[str, s
     return client_ms, in_server_ms, around_ms
 
 
+def grpc_body(name: str, arr: np.ndarray, dtype: str, model: str) -> bytes:
+    req = pb.ModelInferRequest(model_name=model, raw_input_contents=[arr.tobytes()])
+    req.inputs.add(name=name, datatype=dtype, shape=arr.shape)
+    req.parameters["slo_ms"].double_param = 60000.0
+    return req.SerializeToString()
+
+
+async def grpc_serial_latency(target: str, body: bytes, n: int) -> tuple[list[float], list[float], list[float]]:
+    """As serial_latency, over gRPC (the response parsed for its parameters after the clock stops)."""
+    async with grpc.aio.insecure_channel(target, options=GRPC_OPTIONS) as ch:
+        call = ch.unary_unary(pb.path("ModelInfer"))  # bytes in, bytes out
+        client_ms, in_server_ms, around_ms = [], [], []
+        for i in range(n + 10):
+            t0 = time.perf_counter()
+            data = await call(body)
+            dt = (time.perf_counter() - t0) * 1000
+            if i >= 10:
+                client_ms.append(dt)
+                p = pb.ModelInferResponse.FromString(data).parameters
+                in_server_ms.append(p["server_ms"].double_param - p["infer_ms"].double_param)
+                around_ms.append(dt - p["infer_ms"].double_param)
+    return client_ms, in_server_ms, around_ms
+
+
+async def grpc_closed_loop(target: str, body: bytes, concurrency: int, duration_s: float,
+                           max_requests: int) -> tuple[list[float], int]:
+    """`concurrency` calls in flight on one channel, each sent again as soon as it is answered."""
+    lat: list[float] = []
+    errors = 0
+    stop_at = time.perf_counter() + duration_s
+    async with grpc.aio.insecure_channel(target, options=GRPC_OPTIONS) as ch:
+        call = ch.unary_unary(pb.path("ModelInfer"))
+
+        async def client() -> None:
+            nonlocal errors
+            while time.perf_counter() < stop_at and len(lat) < max_requests:
+                t0 = time.perf_counter()
+                try:
+                    await call(body)
+                    lat.append((time.perf_counter() - t0) * 1000)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+    return lat, errors
+
+
+def with_cpu(fn, *args):
+    """fn(*args) with this process's CPU seconds (all its threads: asyncio, gRPC's) and wall seconds."""
+    c0, w0 = time.process_time(), time.perf_counter()
+    out = fn(*args)
+    return out, time.process_time() - c0, time.perf_counter() - w0
+
+
 def run_model(label: str, model_path: Path, name: str, input_name: str, make, dtype: str, n_serial: int,
               seconds: float, cores: int) -> dict:
     print(f"\n== {label}: {model_path.name} ==", flush=True)
@@ -89,7 +155,7 @@ def run_model(label: str, model_path: Path, name: str, input_name: str, make, dt
     del rt
     print(f"direct p50 {pct(direct, 50):.3f} ms; runtime best {own_rps:.0f} req/s at batch {own_b}", flush=True)
     srv = ServerProcess("--model", str(model_path), "--batch", "32", "--max-batch", "32",
-                        "--queue-capacity", "4096")
+                        "--queue-capacity", "4096", grpc=True)
     try:
         path = f"/v2/models/{name}/infer"
         body, headers = binary_body(input_name, one, dtype)
@@ -105,14 +171,32 @@ def run_model(label: str, model_path: Path, name: str, input_name: str, make, dt
                "added_vs_replica_runtime_p99_ms": pct(around, 99), "runtime_best_rps": own_rps,
                "runtime_best_batch": own_b}
         for conc in (1, 16, 64):
-            lat, errors = asyncio.run(closed_loop("127.0.0.1", srv.port, path, body, headers, conc, seconds,
-                                                  max_requests=200_000))
+            (lat, errors), cpu_s, wall_s = with_cpu(asyncio.run, closed_loop(
+                "127.0.0.1", srv.port, path, body, headers, conc, seconds, max_requests=200_000))
             rps = len(lat) / seconds
             row[f"rps_c{conc}"] = rps
             row[f"rps_ratio_c{conc}"] = rps / own_rps
             row[f"errors_c{conc}"] = errors
-            print(f"concurrency {conc:3d}: {rps:8.0f} req/s ({rps / own_rps:.0%} of runtime), "
-                  f"p50 {pct(lat, 50):.2f} ms, errors {errors}", flush=True)
+            row[f"client_cores_c{conc}"] = cpu_s / wall_s
+            print(f"HTTP binary concurrency {conc:3d}: {rps:8.0f} req/s ({rps / own_rps:.0%} of runtime), "
+                  f"p50 {pct(lat, 50):.2f} ms, errors {errors}, client CPU {cpu_s / wall_s:.2f} cores", flush=True)
+        assert srv.grpc_url is not None
+        gbody = grpc_body(input_name, one, dtype, name)
+        client_ms, in_server, around = asyncio.run(grpc_serial_latency(srv.grpc_url, gbody, n_serial))
+        row.update({"grpc_server_p50_ms": pct(client_ms, 50), "grpc_server_p99_ms": pct(client_ms, 99),
+                    "grpc_in_server_overhead_p50_ms": pct(in_server, 50),
+                    "grpc_added_vs_replica_runtime_p50_ms": pct(around, 50),
+                    "grpc_added_vs_replica_runtime_p99_ms": pct(around, 99)})
+        for conc in (1, 16, 64):
+            (lat, errors), cpu_s, wall_s = with_cpu(asyncio.run, grpc_closed_loop(
+                srv.grpc_url, gbody, conc, seconds, max_requests=200_000))
+            rps = len(lat) / seconds
+            row[f"grpc_rps_c{conc}"] = rps
+            row[f"grpc_rps_ratio_c{conc}"] = rps / own_rps
+            row[f"grpc_errors_c{conc}"] = errors
+            row[f"grpc_client_cores_c{conc}"] = cpu_s / wall_s
+            print(f"gRPC raw    concurrency {conc:3d}: {rps:8.0f} req/s ({rps / own_rps:.0%} of runtime), "
+                  f"p50 {pct(lat, 50):.2f} ms, errors {errors}, client CPU {cpu_s / wall_s:.2f} cores", flush=True)
     finally:
         srv.stop()
     return row
@@ -135,15 +219,23 @@ def main() -> int:
                   lambda b: np.random.default_rng(0).integers(0, 255, (b, 224, 224, 3), dtype=np.uint8),
                   "UINT8", n_serial // 2, seconds, cores),
     ]
-    print("\nmodel               direct p50  server p50  added p50  added p99  added vs replica's runtime p50/p99"
-          "  in-server p50 | c=1 / c=16 / c=64 throughput vs runtime best")
+    print("\nmodel               front door   direct p50  server p50  added p50  added p99  added vs replica's "
+          "runtime p50/p99  in-server p50 | c=1 / c=16 / c=64 throughput vs runtime best | client CPU c=1/16/64 "
+          f"(cores; share of {cores})")
     for r in rows:
-        print(f"{r['model']:<19} {r['direct_p50_ms']:8.3f}ms {r['server_p50_ms']:8.3f}ms {r['added_p50_ms']:8.3f}ms "
-              f"{r['added_p99_ms']:8.3f}ms {r['added_vs_replica_runtime_p50_ms']:17.3f}/"
-              f"{r['added_vs_replica_runtime_p99_ms']:.3f}ms {r['in_server_overhead_p50_ms']:12.3f}ms   | "
-              f"{r['rps_ratio_c1']:.0%} / {r['rps_ratio_c16']:.0%} / {r['rps_ratio_c64']:.0%} "
-              f"of {r['runtime_best_rps']:.0f} req/s (batch {r['runtime_best_batch']})")
-    print("targets: added p50 <= 1 ms at concurrency 1; saturated throughput >= 90 % of the runtime's own")
+        for door, k in (("HTTP binary", ""), ("gRPC raw", "grpc_")):
+            server_p50, server_p99 = r[f"{k}server_p50_ms"], r[f"{k}server_p99_ms"]
+            cpu = [r[f"{k}client_cores_c{c}"] for c in (1, 16, 64)]
+            print(f"{r['model']:<19} {door:<12} {r['direct_p50_ms']:8.3f}ms {server_p50:8.3f}ms "
+                  f"{server_p50 - r['direct_p50_ms']:8.3f}ms {server_p99 - r['direct_p99_ms']:8.3f}ms "
+                  f"{r[f'{k}added_vs_replica_runtime_p50_ms']:17.3f}/{r[f'{k}added_vs_replica_runtime_p99_ms']:.3f}ms "
+                  f"{r[f'{k}in_server_overhead_p50_ms']:12.3f}ms   | "
+                  f"{r[f'{k}rps_ratio_c1']:.0%} / {r[f'{k}rps_ratio_c16']:.0%} / {r[f'{k}rps_ratio_c64']:.0%} "
+                  f"of {r['runtime_best_rps']:.0f} req/s (batch {r['runtime_best_batch']}) | "
+                  + " / ".join(f"{c:.2f}" for c in cpu) + " (" + " / ".join(f"{c / cores:.0%}" for c in cpu) + ")")
+    print("targets: added p50 <= 1 ms at concurrency 1; saturated throughput >= 90 % of the runtime's own. The load "
+          "client runs on the same cores: its CPU is not the server's (HTTP: sponge.workload.httpclient; gRPC: "
+          "grpc.aio stubs, one channel, request serialized once)")
     print(json.dumps({"bench": "overhead", "cores": cores,
                       "rows": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
                                for r in rows]}))

@@ -325,6 +325,11 @@ class ServingCore:
         floor = self.replica_timeout_floor_ms * (max(1.0, 1000.0 / cpu_m) if cpu_m else 1.0)
         return max(floor, self.replica_timeout_factor * self.estimate(images))
 
+    @property
+    def closing(self) -> bool:
+        """True once close() has begun: new requests are refused (ServerBusy "server is shutting down")."""
+        return self._closing
+
     def can_serve(self) -> bool:
         """Readiness: some replica can take work — its process running, its dispatch loop alive, and no
         batch of its past the watchdog (hung: about to be killed). False once closing."""

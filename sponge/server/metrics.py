@@ -17,6 +17,9 @@ class Metrics:
         self.requests = Counter("sponge_requests", "Inference requests by outcome "
                                 "(ok, late, expired, rejected, invalid, error, cancelled)", ["model", "outcome"],
                                 registry=r)
+        self.requests_by_protocol = Counter("sponge_requests_by_protocol", "Inference requests by front door "
+                                            "(http, grpc) and outcome (as sponge_requests, which counts both)",
+                                            ["model", "protocol", "outcome"], registry=r)
         self.server_latency = Histogram("sponge_request_server_latency_seconds",
                                         "Time from arrival to response, in the server", ["model"],
                                         buckets=LATENCY_BUCKETS_S, registry=r)
