@@ -148,7 +148,7 @@ class GrpcService:
 
     async def model_metadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         await self._known(request.name, request.version, context)
-        r = self.core.replicas[0]
+        r = self.core.spec_replica
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=self.core.model_name, versions=VERSIONS, platform=PLATFORM,
@@ -175,7 +175,7 @@ class GrpcService:
         core, door = self.core, self.door
         arrival_ms = core.clock()
         arrival_wall_s = time.time()  # the same moment on the wall clock, for sent_at
-        replica = core.replicas[0]
+        replica = core.spec_replica
         try:
             limits = Limits(replica.inputs, self.max_request_batch, self.max_request_elements)
             req, items = await self.decoder.run(decode_model_infer, body, limits, replica.outputs,
