@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -79,6 +80,19 @@ def per_batch_counts(url: str) -> dict[str, float]:
             "straddled_batches": total("sponge_batches_straddled_total"), "sizing_calls": calls,
             "sizing_mean_ms": 1000.0 * total("sponge_batch_sizing_seconds_sum") / calls if calls else 0.0,
             "sizing_over_0_5ms": 1.0 - fast / calls if calls else 0.0}
+
+
+def simulate_twin(scenario: Scenario, truth, policy, cfg: ServerConfig, noise: float, start_cpu: int,
+                  start_batch: int, floor: float, out: Path, **sim: Any):
+    """A live run's simulated twin: the same requests, the server's own policy object, the measured profile
+    as the truth, the live start; written to `out` and summarised (`sim`: further SimConfig fields)."""
+    run = simulate(RequestSet.from_planned(scenario.plan()), truth, policy,
+                   SimConfig(interval_ms=cfg.interval_ms, noise_sigma=noise, max_wait_ms=cfg.max_batch_wait_ms,
+                             initial_cpu_m=start_cpu, initial_batch=start_batch, expiry=cfg.expiry_policy, **sim))
+    run.saveable_floor_ms = floor
+    run.write(out)
+    reqs, tl, _ = read_run(out)
+    return summarize(reqs, tl, floor)
 
 
 def smallest_static(model, scenario: Scenario, peak_rps: float, max_cpu_m: int, max_batch: int) -> tuple[int, int]:
@@ -159,14 +173,8 @@ def main() -> int:
                   else make_learning_policy(cfg, profile, cfg.cpu_m, max_cpu_m))
         # the simulator's default resize delay + decision time: what the live per-batch sizer plans with
         # (sponge.server.per_batch.PER_BATCH_DELAY_MS), so both size alike
-        sim = simulate(RequestSet.from_planned(scenario.plan()), truth, policy,
-                       SimConfig(interval_ms=cfg.interval_ms, noise_sigma=noise,
-                                 max_wait_ms=cfg.max_batch_wait_ms, initial_cpu_m=start_cpu,
-                                 initial_batch=start_batch, expiry=cfg.expiry_policy))
-        sim.saveable_floor_ms = floor
-        sim.write(out / f"{name}-sim")
-        sreqs, stl, _ = read_run(out / f"{name}-sim")
-        sims[name] = summarize(sreqs, stl, floor)
+        sims[name] = simulate_twin(scenario, truth, policy, cfg, noise, start_cpu, start_batch, floor,
+                                   out / f"{name}-sim")
 
     summaries = {n: summarize(r, t, floor) for n, (r, t) in runs.items()}
     print("\n" + format_table(summaries))

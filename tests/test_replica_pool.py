@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+from helpers import until
 from sponge.config import ConfigError, ServerConfig
 from sponge.runtime.base import TensorSpec
 from sponge.runtime.replica import BatchResult, Replica
@@ -113,13 +114,6 @@ def submit(core: ServingCore, budget_ms: float = 60_000.0, rid: int | None = Non
 def gauge(core: ServingCore, state: str) -> float:
     return core.metrics.registry.get_sample_value("sponge_replicas", {"state": state})
 
-
-async def until(cond, timeout_s: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.002)
 
 
 def test_global_edf_order_across_replicas():
@@ -421,7 +415,7 @@ def test_the_controller_scales_the_live_pool_and_observes_replicas_still_startin
     """The live loop end to end on fake replicas: a decision for 3 replicas starts two (their cold start
     shows in the next Observation as replicas_starting, and they are billed meanwhile); one for 1 drains
     two; every request answered."""
-    from helpers import Scripted
+    from helpers import Scripted  # noqa: I001
 
     from sponge.control import Controller
     from sponge.policy.types import Decision
