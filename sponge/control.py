@@ -41,7 +41,9 @@ class ServingView(Protocol):
 
     # Optional (a view without them observes no batches, and bills the decision in force):
     #   take_batches() -> Sequence[BatchSample]: batches served since the last call;
-    #   cpu_allocated_mms(now_ms) -> float: cumulative allocated CPU as applied, all replicas, millicore-ms.
+    #   cpu_allocated_mms(now_ms) -> float: cumulative allocated CPU as applied, all replicas, millicore-ms;
+    #   front_door_cpu_s() -> float: cumulative CPU seconds the front door (server process, not its
+    #   replicas) has used.
 
 
 class Applier(Protocol):
@@ -63,6 +65,9 @@ class DecisionLogEntry:
     explanation: str
     decide_us: float
     total_cpu_m: int = 0  # allocated CPU as applied (all replicas), time-weighted over the interval ending here
+    # CPU the front door used over the interval ending here (millicores: CPU ms per second), beside the
+    # replicas' allocation; None where the view cannot measure it
+    front_door_cpu_m: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -86,6 +91,12 @@ class Controller:
         now = clock()
         self.builder = ObservationBuilder(interval_ms, now, view.arrivals_total(), self._usage_mms(),
                                           self._allocated_mms(now))
+        self._front_door_s = self._front_door_cpu_s()
+        self.front_door_cpu_m: float | None = None  # over the interval the last observe() closed
+
+    def _front_door_cpu_s(self) -> float | None:
+        read = getattr(self.view, "front_door_cpu_s", None)
+        return None if read is None else float(read())
 
     def _usage_mms(self) -> dict[object, float | None]:
         return {i: None if u is None else u / 1000.0 for i, u in enumerate(self.view.cpu_usage_ns())}
@@ -102,6 +113,10 @@ class Controller:
         now = self.clock()
         view = self.view
         budgets = [b if isinstance(b, tuple) else (now, b) for b in view.take_budgets()]
+        since = self.builder.last_t
+        fd0, self._front_door_s = self._front_door_s, self._front_door_cpu_s()
+        self.front_door_cpu_m = (None if fd0 is None or self._front_door_s is None
+                                 else (self._front_door_s - fd0) * 1e6 / max(1e-6, now - since))
         return self.builder.observe(now, view.arrivals_total(), budgets, view.queue_remaining_ms(now),
                                     self._usage_mms(), self.current, batches=self._batches(),
                                     allocated_mms=self._allocated_mms(now))
@@ -117,7 +132,8 @@ class Controller:
         self.current = decision
         entry = DecisionLogEntry(obs.now_ms, self.policy.name, obs.arrival_rate_rps, len(obs.queue_remaining_ms),
                                  decision.cpu_m, decision.batch, decision.replicas, decision.feasible,
-                                 decision.explanation, decide_us, int(round(self.builder.total_cpu_m)))
+                                 decision.explanation, decide_us, int(round(self.builder.total_cpu_m)),
+                                 None if self.front_door_cpu_m is None else round(self.front_door_cpu_m, 3))
         self.decisions.append(entry)
         if self.on_decision is not None:
             self.on_decision(entry)

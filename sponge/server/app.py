@@ -130,6 +130,7 @@ def create_app(core: ServingCore, *, max_body_bytes: int, default_slo_ms: float,
     name = core.model_name
     metrics = core.metrics
     app.state.decoder = decoder
+    metrics.front_door.decoder = decoder  # its child's CPU is front-door CPU (sponge_front_door_cpu_seconds)
 
     def model_known(model_name: str) -> Response | None:
         if model_name != name:
