@@ -5,6 +5,7 @@ such as the kubelet does not tell the application)."""
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -39,6 +40,8 @@ def worker_main(conn: Connection, model_path: str, threads: int, max_threads: in
         return
     conn.send(("ready", {"pid": os.getpid(), "inputs": runtime.inputs, "outputs": runtime.outputs,
                          "labels": runtime.labels}))
+    gc.collect()
+    gc.freeze()  # the runtime's and the imports' objects: out of full collections' walks (as the server's)
     stop = threading.Event()
     if follow_own_limit:
         threading.Thread(target=_follow_own_limit, args=(runtime, stop), daemon=True).start()
