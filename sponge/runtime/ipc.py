@@ -43,6 +43,7 @@ output out of the segment into the arrays the requests get.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import pickle
@@ -196,7 +197,7 @@ def plan(shapes: Sequence[tuple[str, np.dtype, tuple[int, ...]]], capacity: int 
         d = {"name": name, "dtype": dtype.str, "shape": [int(s) for s in shape], "where": "pickle",
              "offset": 0, "nbytes": 0}
         if shm_able(dtype):
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            nbytes = math.prod(int(s) for s in shape) * dtype.itemsize
             d.update(where="shm", offset=off, nbytes=nbytes)
             off = aligned(off + nbytes)
         out.append(d)

@@ -298,7 +298,7 @@ class Replica:
             dims = spec.shape[1:]
             if dtype is None or dtype.hasobject or any(not isinstance(d, int) or d < 0 for d in dims):
                 return 0
-            total += ipc.aligned(rows * int(np.prod(dims, dtype=np.int64)) * dtype.itemsize)
+            total += ipc.aligned(rows * math.prod(dims) * dtype.itemsize)
         return total
 
     async def infer(self, inputs: Mapping[str, np.ndarray]) -> BatchResult:
