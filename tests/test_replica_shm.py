@@ -183,3 +183,26 @@ def test_a_worker_that_cannot_map_its_segment_answers_an_error_and_the_next_batc
             await r.stop()
 
     asyncio.run(go())
+
+
+def test_without_shared_memory_batches_go_through_the_socket(monkeypatch, caplog):
+    from sponge.runtime import replica as replica_mod
+
+    def full(tag: str, size: int) -> ipc.Segment:
+        raise OSError(28, "No space left on device")
+
+    async def go() -> None:
+        r = _replica()
+        await r.start()
+        try:
+            monkeypatch.setattr(replica_mod.ipc.Segment, "create", staticmethod(full))
+            x = np.random.default_rng(3).random((4, 16), dtype=np.float32)
+            for batch in ({"x": x}, BatchParts([{"x": x[i:i + 1]} for i in range(4)])):
+                np.testing.assert_allclose((await r.infer(batch)).outputs["y"], expected(x), atol=1e-5)
+        finally:
+            await r.stop()
+        assert _segments_named() == [] and _segments_mapped() == 0
+
+    with caplog.at_level("WARNING", logger="sponge.replica"):
+        asyncio.run(go())
+    assert sum("no shared memory" in rec.message for rec in caplog.records) == 1  # said once

@@ -90,6 +90,8 @@ class Segment:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, size)
+            if hasattr(os, "posix_fallocate"):  # reserve it now: a full tmpfs is an OSError here, not a
+                os.posix_fallocate(fd, 0, size)  # SIGBUS at the first write into the mapping
             mm = mmap.mmap(fd, size)
         except BaseException:
             os.unlink(path)

@@ -133,6 +133,7 @@ class Replica:
         self._shm_batch: int | None = None  # the batch in flight through the segments (one at a time)
         self._to_unlink: dict[int, list[ipc.Segment]] = {}  # batch id -> segments it named first
         self._out_per_row = 0.0  # output bytes per batch row, learned from the worker's answers
+        self._warned_shm = False
 
     @property
     def pid(self) -> int | None:
@@ -269,19 +270,34 @@ class Replica:
         descs, need = ipc.plan(specs, math.inf if use_shm else None)  # type: ignore[arg-type]
         header: dict[str, Any] = {"op": "infer", "id": batch_id, "in": None, "in_size": 0, "out": None,
                                   "out_size": 0, "inputs": descs}
+        rows = max((s[2][0] for s in specs if s[2]), default=0)
+        if use_shm:
+            out_need = int(self._out_per_row * rows) if self._out_per_row > 0 else self._spec_out_bytes(rows)
+            try:
+                if need > 0:
+                    self._seg_in = self._segment(self._seg_in, need, "in", batch_id)
+                if out_need > 0:
+                    self._seg_out = self._segment(self._seg_out, out_need, "out", batch_id)
+            except OSError as exc:  # e.g. /dev/shm too small (a container's 64 MB): this batch goes inline
+                if not self._warned_shm:
+                    self._warned_shm = True
+                    log.warning("replica %s: no shared memory for a batch (%s): sent through the socket", self.name,
+                                exc)
+                self._drop_segments()
+                use_shm = False
+                descs, need = ipc.plan(specs, None)
+                header["inputs"] = descs
         if use_shm:
             if need > 0:
-                self._seg_in = self._segment(self._seg_in, need, "in", batch_id)
+                assert self._seg_in is not None
                 for d in descs:
                     if d["where"] == "shm":
                         view = self._seg_in.view(np.dtype(d["dtype"]), d["shape"], d["offset"])
                         _write(inputs, d["name"], view)
                         del view
                 header.update({"in": self._seg_in.path, "in_size": self._seg_in.size})
-            rows = max((s[2][0] for s in specs if s[2]), default=0)
-            out_need = int(self._out_per_row * rows) if self._out_per_row > 0 else self._spec_out_bytes(rows)
             if out_need > 0:
-                self._seg_out = self._segment(self._seg_out, out_need, "out", batch_id)
+                assert self._seg_out is not None
                 header.update({"out": self._seg_out.path, "out_size": self._seg_out.size})
             self._shm_batch = batch_id
         inline = ipc.pack_inline(descs, [(lambda n=n: inputs[n]) for n in names])
