@@ -207,9 +207,13 @@ class Replica:
             if header["op"] == "result":
                 self._out_per_row = max(self._out_per_row, float(header.get("out_bytes_per_row", 0.0)))
                 if fut is not None and not fut.done():
-                    outputs = {d["name"]: ipc.read_tensor(d, self._seg_out, inline, copy=True)
-                               for d in header["outputs"]}
-                    fut.set_result(BatchResult(outputs, header["infer_ms"], header["threads"]))
+                    try:
+                        outputs = {d["name"]: ipc.read_tensor(d, self._seg_out, inline, copy=True)
+                                   for d in header["outputs"]}
+                    except Exception as exc:  # never leave the batch unanswered (nor the read loop dead)
+                        fut.set_exception(ReplicaError(f"unreadable answer: {type(exc).__name__}: {exc}"))
+                    else:
+                        fut.set_result(BatchResult(outputs, header["infer_ms"], header["threads"]))
             else:
                 if header.get("segments_failed"):  # the worker could not map them: new ones next time
                     self._drop_segments()
@@ -272,7 +276,8 @@ class Replica:
                                   "out_size": 0, "inputs": descs}
         rows = max((s[2][0] for s in specs if s[2]), default=0)
         if use_shm:
-            out_need = int(self._out_per_row * rows) if self._out_per_row > 0 else self._spec_out_bytes(rows)
+            # sized by the outputs per row seen so far (the very first batch's outputs come back inline)
+            out_need = math.ceil(self._out_per_row * rows)
             try:
                 if need > 0:
                     self._seg_in = self._segment(self._seg_in, need, "in", batch_id)
@@ -303,38 +308,23 @@ class Replica:
         inline = ipc.pack_inline(descs, [(lambda n=n: inputs[n]) for n in names])
         return _frame(header, inline)
 
-    def _spec_out_bytes(self, rows: int) -> int:
-        """Output bytes of a batch of `rows` from the model's output specs (0 when a dimension beyond the
-        first is not fixed or a datatype has no fixed size: the worker's first answer then says)."""
-        from sponge.protocol.v2 import DTYPES
-
-        total = 0
-        for spec in self.outputs:
-            dtype = DTYPES.get(spec.datatype)
-            dims = spec.shape[1:]
-            if dtype is None or dtype.hasobject or any(not isinstance(d, int) or d < 0 for d in dims):
-                return 0
-            total += ipc.aligned(rows * math.prod(dims) * dtype.itemsize)
-        return total
-
     async def infer(self, inputs: Mapping[str, np.ndarray]) -> BatchResult:
         """Run one batch: `inputs` by name (first axis = batch), or a `BatchParts` of requests' inputs."""
         if not self.ready or self._conn is None:
             raise ReplicaDied(f"replica {self.name} is not running")
         assert self._loop is not None
         batch_id = next(self._ids)
+        try:
+            frame = self._message(batch_id, inputs)
+        except BaseException:  # a batch the format cannot carry: the caller's error, not the replica's death
+            for seg in self._to_unlink.pop(batch_id, ()):
+                seg.unlink()
+            if self._shm_batch == batch_id:
+                self._shm_batch = None
+            raise
         fut: asyncio.Future[BatchResult] = self._loop.create_future()
         self._pending[batch_id] = fut
         try:
-            try:
-                frame = self._message(batch_id, inputs)
-            except BaseException:
-                self._pending.pop(batch_id, None)
-                for seg in self._to_unlink.pop(batch_id, ()):
-                    seg.unlink()
-                if self._shm_batch == batch_id:
-                    self._shm_batch = None
-                raise
             self._conn.write(frame)
             await self._conn.drain()
         except (ConnectionError, OSError):
