@@ -68,7 +68,10 @@ _COMPLETE, _TICK, _RESIZE, _READY, _WAKE = range(5)
 RESIZE_DELAY_MS = 15.0  # SimConfig.resize_delay_ms default (see there)
 NODE_CPU_M = 16_000  # SimConfig: a node's CPU when only `nodes` is given (the paper's 16-core node)
 # SimConfig.front_door_cpu_ms default: the server process's CPU per request, bench/overhead.py's
-# `front_door_cpu_ms` for the default model's binary requests at concurrency 16 (what `sponge load` sends)
+# `front_door_cpu_ms` for the default model's binary requests at concurrency 16 (what `sponge load` sends):
+# 0.70-0.83 ms on the 2-core host (2026-12-02). A request served alone costs more (concurrency 1: ~1.1 ms),
+# JSON images ~3.3-4 ms; and the live front door also spends ~2 m idle (static; ~20 m with sponge's idle
+# prober), which this per-request model leaves out.
 FRONT_DOOR_CPU_MS = 0.8
 DECISION_MS = 2.0  # SimConfig.decision_ms default: a per-batch CPU call (bench/decision_time.py: p50 50-80 us, 0.8-1.6 ms when even the top allocation falls short)
 
