@@ -13,6 +13,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import re
 import socket
 import struct
 from collections.abc import Mapping
@@ -261,7 +262,8 @@ class Replica:
         if not self._swept:
             Replica._swept = True
             ipc.sweep_stale()
-        seg = ipc.Segment.create(f"{self.name}-{next(self._seq)}-{kind}", ipc.segment_size(nbytes))
+        safe = re.sub(r"[^\w.-]", "_", self.name)  # a file name, whatever the replica is called
+        seg = ipc.Segment.create(f"{safe}-{next(self._seq)}-{kind}", ipc.segment_size(nbytes))
         self._to_unlink.setdefault(batch_id, []).append(seg)
         return seg
 
