@@ -28,8 +28,9 @@ serving or draining), exactly (not sampled). The front door's own CPU (HTTP pars
 controller: the live server process, not its replicas) is modelled apart as `front_door_cpu_ms` of CPU per
 arriving request (refused ones too: they were parsed), reported as `front_door_core_seconds` and in the
 timeline's `front_door_cpu_m`, never inside `core_seconds` (`core_seconds_with_front_door` has both).
-The timeline's `total_cpu_m` is each interval's mean allocation, rounded (the live decision log bills the same quantity); its `cpu_m`, `replicas`, `batch` and
-`feasible` are those in force at the interval's end, before the controller's decision at that instant.
+The timeline's `total_cpu_m` is each interval's mean allocation, rounded (the live decision log bills the
+same quantity); its `cpu_m`, `replicas`, `batch` and `feasible` are those in force at the interval's end,
+before the controller's decision at that instant.
 
 The policy's Observation is built by `sponge.observe.ObservationBuilder`, the live controller's own
 builder, fed what the simulated server measured (budgets stamped with their arrival times, cumulative
