@@ -5,7 +5,9 @@ that holds the peak, `paper`, `sponge` (its online model seeded with the offline
 after another on the same replayed requests. Each but sponge-online is also simulated on the same
 requests, with the server's own policy factory and the profile's step model as the truth (issue 5's
 validation; the simulator has no idle prober, so an online start from nothing has no twin).
-Core-seconds are billed as the CPU in force over each interval, as applied, live and simulated alike.
+Core-seconds are billed as the CPU in force over each interval, as applied, live and simulated alike;
+the front door's own CPU (the server process, measured live; a cost per request in the simulator) is
+reported beside them (`front_door_core_seconds`, `core_seconds_with_front_door` in each run's figures).
 
 Usage: python bench/live.py [--duration-s 600] [--slo-ms 400] [--out runs/live]
 Prints a table and, last, one JSON line; writes the runs, a side-by-side timeline PNG and summary.
@@ -180,7 +182,7 @@ def main() -> int:
     print("\n" + format_table(summaries))
     print("\nlive vs simulated (same requests, measured profile, same policy objects):")
     print(f"{'':14}{'attainment live':>16}{'sim':>9}{'diff (pts)':>11}{'saveable live':>14}{'sim':>9}"
-          f"{'core-s live':>13}{'sim':>8}{'ratio':>7}")
+          f"{'core-s live':>13}{'sim':>8}{'ratio':>7}{'front door live':>16}{'sim':>8}")
     validation = {}
     for n, s in summaries.items():
         if n not in sims:
@@ -191,11 +193,15 @@ def main() -> int:
                          "attainment_saveable_live": s.attainment_saveable,
                          "attainment_saveable_sim": sim_s.attainment_saveable,
                          "core_s_live": s.core_seconds, "core_s_sim": sim_s.core_seconds,
-                         "core_s_ratio": sim_s.core_seconds / s.core_seconds if s.core_seconds else float("nan")}
+                         "core_s_ratio": sim_s.core_seconds / s.core_seconds if s.core_seconds else float("nan"),
+                         # the front door's own CPU: measured live, modelled per request in the simulator
+                         "front_door_core_s_live": s.front_door_core_seconds,
+                         "front_door_core_s_sim": sim_s.front_door_core_seconds}
         v = validation[n]
         print(f"{n:14}{v['attainment_live']:>16.2%}{v['attainment_sim']:>9.2%}{v['attainment_diff_pts']:>11.2f}"
               f"{v['attainment_saveable_live']:>14.2%}{v['attainment_saveable_sim']:>9.2%}"
-              f"{v['core_s_live']:>13.0f}{v['core_s_sim']:>8.0f}{v['core_s_ratio']:>7.2f}")
+              f"{v['core_s_live']:>13.0f}{v['core_s_sim']:>8.0f}{v['core_s_ratio']:>7.2f}"
+              f"{v['front_door_core_s_live']:>16.1f}{v['front_door_core_s_sim']:>8.1f}")
     png = plot_timelines(runs, out / "timelines.png",
                          title=f"live: {args.window} window, peak {peak} req/s, SLO {args.slo_ms:.0f} ms, 4G budgets")
     figures = {n: {**s.as_dict(), **server_counts.get(n, {})} for n, s in summaries.items()}

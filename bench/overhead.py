@@ -9,15 +9,20 @@ per-request Python work would dominate). Both clients run in this process, on th
 server on a small machine: each row states the client's own CPU (process CPU seconds / wall seconds, in
 cores, and as a share of the machine's cores), which the server did not get.
 
-Usage: python bench/overhead.py [--quick]
+Also the front door's own CPU per request (`front_door_cpu`: the server process's CPU, its replicas
+excluded, over a closed loop / the requests served), binary and JSON at concurrency 16, and JSON at 64.
+
+Usage: python bench/overhead.py [--quick] [--only trivial]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -69,6 +74,32 @@ def binary_body(name: str, arr: np.ndarray, dtype: str) -> tuple[bytes, dict[str
                                   "parameters": {"binary_data_size": arr.nbytes}}],
                       "parameters": {"slo_ms": 60000}})
     return h + arr.tobytes(), {"Inference-Header-Content-Length": str(len(h))}
+
+
+def json_body(name: str, arr: np.ndarray, dtype: str) -> tuple[bytes, dict[str, str]]:
+    return orjson.dumps({"inputs": [{"name": name, "shape": list(arr.shape), "datatype": dtype,
+                                     "data": arr.ravel().tolist()}], "parameters": {"slo_ms": 60000}}), {}
+
+
+def scrape_front_door_cpu_s(url: str) -> float:
+    """The server's `sponge_front_door_cpu_seconds_total` (its own process + JSON decoder child)."""
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return float(re.search(r"^sponge_front_door_cpu_seconds_total (\S+)$", text, re.M).group(1))
+
+
+def front_door_cpu(srv: ServerProcess, path: str, body: bytes, headers: dict[str, str], conc: int,
+                   seconds: float) -> dict:
+    """A closed loop at `conc`: the front door's CPU ms per request (server process CPU delta / requests
+    answered, errors included), throughput and client-side p50/p99 latency."""
+    cpu0 = scrape_front_door_cpu_s(srv.url)
+    lat, errors = asyncio.run(closed_loop("127.0.0.1", srv.port, path, body, headers, conc, seconds,
+                                          max_requests=200_000))
+    cpu1 = scrape_front_door_cpu_s(srv.url)  # the scrape's own CPU (~1 ms) is in it: negligible
+    n = len(lat) + errors
+    return {"cpu_ms": 1000.0 * (cpu1 - cpu0) / n if n else float("nan"), "rps": len(lat) / seconds,
+            "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "errors": errors}
 
 
 async def serial_latency(port: int, path: str, body: bytes, headers: dict[str, str], n: int
@@ -145,8 +176,13 @@ def with_cpu(fn, *args):
     return out, time.process_time() - c0, time.perf_counter() - w0
 
 
+ONLY: str | None = None  # --only: the one model to run
+
+
 def run_model(label: str, model_path: Path, name: str, input_name: str, make, dtype: str, n_serial: int,
-              seconds: float, cores: int) -> dict:
+              seconds: float, cores: int) -> dict | None:
+    if ONLY is not None and label != ONLY:
+        return None
     print(f"\n== {label}: {model_path.name} ==", flush=True)
     rt = OnnxRuntime(model_path, threads=cores, max_threads=cores, prebuild=False)
     one = make(1)
@@ -197,19 +233,43 @@ def run_model(label: str, model_path: Path, name: str, input_name: str, make, dt
             row[f"grpc_client_cores_c{conc}"] = cpu_s / wall_s
             print(f"gRPC raw    concurrency {conc:3d}: {rps:8.0f} req/s ({rps / own_rps:.0%} of runtime), "
                   f"p50 {pct(lat, 50):.2f} ms, errors {errors}, client CPU {cpu_s / wall_s:.2f} cores", flush=True)
+        jbody, jheaders = json_body(input_name, one, dtype)
+        for fmt, conc, (b, h) in (("binary", 1, (body, headers)), ("binary", 16, (body, headers)),
+                                  ("json", 16, (jbody, jheaders)), ("json", 64, (jbody, jheaders))):
+            fd = front_door_cpu(srv, path, b, h, conc, seconds)
+            row.update({f"front_door_cpu_ms_{fmt}_c{conc}": fd["cpu_ms"], f"rps_{fmt}_c{conc}": fd["rps"],
+                        f"p50_ms_{fmt}_c{conc}": fd["p50_ms"], f"p99_ms_{fmt}_c{conc}": fd["p99_ms"]})
+            print(f"{fmt:6} concurrency {conc:3d}: front door {fd['cpu_ms']:.3f} CPU ms/request, "
+                  f"{fd['rps']:.0f} req/s, p50 {fd['p50_ms']:.2f} ms, p99 {fd['p99_ms']:.2f} ms, "
+                  f"errors {fd['errors']}", flush=True)
     finally:
         srv.stop()
     return row
 
 
+def print_front_door(rows: list[dict]) -> None:
+    """The front door's CPU per request (server process, replicas excluded) and latency, per format."""
+    print("\nfront door          CPU ms/req binary c1  binary c16  json c16  json c64 | json c64 p50 / p99 (ms)")
+    for r in rows:
+        print(f"{r['model']:<19} {r['front_door_cpu_ms_binary_c1']:20.3f} {r['front_door_cpu_ms_binary_c16']:11.3f} "
+              f"{r['front_door_cpu_ms_json_c16']:9.3f} "
+              f"{r['front_door_cpu_ms_json_c64']:9.3f} | {r['p50_ms_json_c64']:8.2f} / {r['p99_ms_json_c64']:.2f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="shorter runs (smoke test)")
+    ap.add_argument("--only", choices=["trivial", "efficientnet-lite0"], help="one model only")
     args = ap.parse_args()
+    global ONLY
+    ONLY = args.only
     n_serial, seconds = (100, 2.0) if args.quick else (500, 5.0)
     cores = len(os.sched_getaffinity(0))
     from sponge.models.efficientnet_lite0 import default_model_path
     from sponge.models.trivial import trivial_model_path
+
+    gc.collect()
+    gc.freeze()  # the client's full collections would walk all it imported (~20 ms stalls): measure the server
 
     rows = [
         run_model("trivial", trivial_model_path(), "trivial", "x",
@@ -219,6 +279,7 @@ def main() -> int:
                   lambda b: np.random.default_rng(0).integers(0, 255, (b, 224, 224, 3), dtype=np.uint8),
                   "UINT8", n_serial // 2, seconds, cores),
     ]
+    rows = [r for r in rows if r is not None]
     print("\nmodel               front door   direct p50  server p50  added p50  added p99  added vs replica's "
           "runtime p50/p99  in-server p50 | c=1 / c=16 / c=64 throughput vs runtime best | client CPU c=1/16/64 "
           f"(cores; share of {cores})")
@@ -236,6 +297,7 @@ def main() -> int:
     print("targets: added p50 <= 1 ms at concurrency 1; saturated throughput >= 90 % of the runtime's own. The load "
           "client runs on the same cores: its CPU is not the server's (HTTP: sponge.workload.httpclient; gRPC: "
           "grpc.aio stubs, one channel, request serialized once)")
+    print_front_door(rows)
     print(json.dumps({"bench": "overhead", "cores": cores,
                       "rows": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
                                for r in rows]}))

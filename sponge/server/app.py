@@ -131,6 +131,7 @@ def create_app(core: ServingCore, *, max_body_bytes: int, default_slo_ms: float,
     metrics = core.metrics
     door = FrontDoor(core, "http")
     app.state.decoder = decoder
+    metrics.front_door.decoder = decoder  # its child's CPU is front-door CPU (sponge_front_door_cpu_seconds)
 
     def model_known(model_name: str) -> Response | None:
         if model_name != name:

@@ -23,6 +23,10 @@ class LiveView:
         self.core = core
         self.scaler = scaler
 
+    def front_door_cpu_s(self) -> float:
+        """CPU seconds the front door has used (server/metrics.py FrontDoorCpu: this process, not its replicas)."""
+        return self.core.metrics.front_door.seconds()
+
     def arrivals_total(self) -> int:
         return self.core.arrivals
 

@@ -33,7 +33,7 @@ from sponge.server.app import create_app
 from sponge.server.core import ServingCore
 from sponge.server.grpc_service import GrpcBindError, GrpcService
 from sponge.server.live import LiveApplier, LiveView
-from sponge.server.memory import IdleTrimmer
+from sponge.server.memory import IdleTrimmer, freeze_startup_objects
 from sponge.server.metrics import Metrics
 from sponge.server.per_batch import PerBatchSizer
 from sponge.server.pool import ReplicaPool
@@ -387,6 +387,7 @@ def build_app(cfg: ServerConfig) -> FastAPI:
             metrics.threads.labels(r.name).set(r.threads)
         core._count_states()
         core.start()
+        log.info("froze %d startup objects out of the garbage collector's scans", freeze_startup_objects())
         control_task = asyncio.create_task(controller.run(), name="controller")
         probe_task = asyncio.create_task(prober.run(), name="idle-prober") if prober is not None else None
         log.info("serving %s (%s) on %d replica(s), %d m each, batch %d; ready %.1f s after the model file was",
