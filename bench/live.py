@@ -5,7 +5,9 @@ that holds the peak, `paper`, `sponge` (its online model seeded with the offline
 after another on the same replayed requests. Each but sponge-online is also simulated on the same
 requests, with the server's own policy factory and the profile's step model as the truth (issue 5's
 validation; the simulator has no idle prober, so an online start from nothing has no twin).
-Core-seconds are billed as the CPU in force over each interval, as applied, live and simulated alike.
+Core-seconds are billed as the CPU in force over each interval, as applied, live and simulated alike;
+the front door's own CPU (the server process, measured live; a cost per request in the simulator) is
+reported beside them (`front_door_core_seconds`, `core_seconds_with_front_door` in each run's figures).
 
 Usage: python bench/live.py [--duration-s 600] [--slo-ms 400] [--out runs/live]
 Prints a table and, last, one JSON line; writes the runs, a side-by-side timeline PNG and summary.
@@ -21,6 +23,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -79,6 +82,19 @@ def per_batch_counts(url: str) -> dict[str, float]:
             "straddled_batches": total("sponge_batches_straddled_total"), "sizing_calls": calls,
             "sizing_mean_ms": 1000.0 * total("sponge_batch_sizing_seconds_sum") / calls if calls else 0.0,
             "sizing_over_0_5ms": 1.0 - fast / calls if calls else 0.0}
+
+
+def simulate_twin(scenario: Scenario, truth, policy, cfg: ServerConfig, noise: float, start_cpu: int,
+                  start_batch: int, floor: float, out: Path, **sim: Any):
+    """A live run's simulated twin: the same requests, the server's own policy object, the measured profile
+    as the truth, the live start; written to `out` and summarised (`sim`: further SimConfig fields)."""
+    run = simulate(RequestSet.from_planned(scenario.plan()), truth, policy,
+                   SimConfig(interval_ms=cfg.interval_ms, noise_sigma=noise, max_wait_ms=cfg.max_batch_wait_ms,
+                             initial_cpu_m=start_cpu, initial_batch=start_batch, expiry=cfg.expiry_policy, **sim))
+    run.saveable_floor_ms = floor
+    run.write(out)
+    reqs, tl, _ = read_run(out)
+    return summarize(reqs, tl, floor)
 
 
 def smallest_static(model, scenario: Scenario, peak_rps: float, max_cpu_m: int, max_batch: int) -> tuple[int, int]:
@@ -159,20 +175,14 @@ def main() -> int:
                   else make_learning_policy(cfg, profile, cfg.cpu_m, max_cpu_m))
         # the simulator's default resize delay + decision time: what the live per-batch sizer plans with
         # (sponge.server.per_batch.PER_BATCH_DELAY_MS), so both size alike
-        sim = simulate(RequestSet.from_planned(scenario.plan()), truth, policy,
-                       SimConfig(interval_ms=cfg.interval_ms, noise_sigma=noise,
-                                 max_wait_ms=cfg.max_batch_wait_ms, initial_cpu_m=start_cpu,
-                                 initial_batch=start_batch, expiry=cfg.expiry_policy))
-        sim.saveable_floor_ms = floor
-        sim.write(out / f"{name}-sim")
-        sreqs, stl, _ = read_run(out / f"{name}-sim")
-        sims[name] = summarize(sreqs, stl, floor)
+        sims[name] = simulate_twin(scenario, truth, policy, cfg, noise, start_cpu, start_batch, floor,
+                                   out / f"{name}-sim")
 
     summaries = {n: summarize(r, t, floor) for n, (r, t) in runs.items()}
     print("\n" + format_table(summaries))
     print("\nlive vs simulated (same requests, measured profile, same policy objects):")
     print(f"{'':14}{'attainment live':>16}{'sim':>9}{'diff (pts)':>11}{'saveable live':>14}{'sim':>9}"
-          f"{'core-s live':>13}{'sim':>8}{'ratio':>7}")
+          f"{'core-s live':>13}{'sim':>8}{'ratio':>7}{'front door live':>16}{'sim':>8}")
     validation = {}
     for n, s in summaries.items():
         if n not in sims:
@@ -183,11 +193,15 @@ def main() -> int:
                          "attainment_saveable_live": s.attainment_saveable,
                          "attainment_saveable_sim": sim_s.attainment_saveable,
                          "core_s_live": s.core_seconds, "core_s_sim": sim_s.core_seconds,
-                         "core_s_ratio": sim_s.core_seconds / s.core_seconds if s.core_seconds else float("nan")}
+                         "core_s_ratio": sim_s.core_seconds / s.core_seconds if s.core_seconds else float("nan"),
+                         # the front door's own CPU: measured live, modelled per request in the simulator
+                         "front_door_core_s_live": s.front_door_core_seconds,
+                         "front_door_core_s_sim": sim_s.front_door_core_seconds}
         v = validation[n]
         print(f"{n:14}{v['attainment_live']:>16.2%}{v['attainment_sim']:>9.2%}{v['attainment_diff_pts']:>11.2f}"
               f"{v['attainment_saveable_live']:>14.2%}{v['attainment_saveable_sim']:>9.2%}"
-              f"{v['core_s_live']:>13.0f}{v['core_s_sim']:>8.0f}{v['core_s_ratio']:>7.2f}")
+              f"{v['core_s_live']:>13.0f}{v['core_s_sim']:>8.0f}{v['core_s_ratio']:>7.2f}"
+              f"{v['front_door_core_s_live']:>16.1f}{v['front_door_core_s_sim']:>8.1f}")
     png = plot_timelines(runs, out / "timelines.png",
                          title=f"live: {args.window} window, peak {peak} req/s, SLO {args.slo_ms:.0f} ms, 4G budgets")
     figures = {n: {**s.as_dict(), **server_counts.get(n, {})} for n, s in summaries.items()}

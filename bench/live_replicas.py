@@ -31,7 +31,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/live.py's helpers
 
-from live import ensure_profile  # noqa: E402
+from live import ensure_profile, simulate_twin  # noqa: E402
 
 from sponge.config import ServerConfig  # noqa: E402
 from sponge.models.efficientnet_lite0 import default_model_path  # noqa: E402
@@ -42,8 +42,6 @@ from sponge.report.results import read_run  # noqa: E402
 from sponge.report.summary import format_table, saveable_floor_ms, summarize  # noqa: E402
 from sponge.server.process import ADMIN_TOKEN, ServerProcess  # noqa: E402
 from sponge.server.serve import make_learning_policy, make_policy_for  # noqa: E402
-from sponge.sim.engine import SimConfig, simulate  # noqa: E402
-from sponge.sim.inputs import RequestSet  # noqa: E402
 from sponge.sim.scenario import measured_noise_sigma  # noqa: E402
 from sponge.workload.loadgen import run_load  # noqa: E402
 from sponge.workload.scenario import Scenario  # noqa: E402
@@ -125,14 +123,9 @@ def main() -> int:
         cold_s = colds[name][0] if colds[name][1] else 2.0
         policy = (make_policy_for(cfg, m, cfg.cpu_m, cap) if cfg.policy == "hpa"
                   else make_learning_policy(cfg, profile, cfg.cpu_m, cap))
-        sim = simulate(RequestSet.from_planned(scenario.plan()), truth, policy,
-                       SimConfig(interval_ms=cfg.interval_ms, noise_sigma=noise, max_wait_ms=cfg.max_batch_wait_ms,
-                                 initial_cpu_m=start_cpu, initial_batch=start_batch, expiry=cfg.expiry_policy,
-                                 cold_start_ms=1000.0 * cold_s, max_replicas=cfg.replica_limit))
-        sim.saveable_floor_ms = floor
-        sim.write(out / f"{name}-sim")
-        sreqs, stl, _ = read_run(out / f"{name}-sim")
-        sims[name] = summarize(sreqs, stl, floor)
+        sims[name] = simulate_twin(scenario, truth, policy, cfg, noise, start_cpu, start_batch, floor,
+                                   out / f"{name}-sim", cold_start_ms=1000.0 * cold_s,
+                                   max_replicas=cfg.replica_limit)
 
     summaries = {n: summarize(r, t, floor) for n, (r, t) in runs.items()}
     print("\n" + format_table(summaries))

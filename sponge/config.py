@@ -19,6 +19,8 @@ class ServerConfig(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int = Field(8001, ge=0, le=65535, description="port of the V2 gRPC service "
+                           "(inference.GRPCInferenceService; 8001 as Triton's); 0 turns gRPC off")
     model: str | None = Field(None, description="path to an .onnx model; default: the packaged EfficientNet-Lite0")
     model_name: str | None = Field(None, description="name the model is served under (default: from the file)")
     default_slo_ms: float = Field(1000.0, gt=0, le=3_600_000)
@@ -36,7 +38,8 @@ class ServerConfig(BaseModel):
         "expected batch latency: the margin admitted requests keep against latency noise (under overload the "
         "replicas stay busy whatever it is; a larger one keeps the queue shorter; 1.2 let 1-4 % of the admitted "
         "answer late at 3x overload on a shared 2-core host, 1.5 none, at the same on-time rate)")
-    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest HTTP request body (413 beyond); "
+                                "also the largest gRPC message received or sent")
     max_request_batch: int = Field(64, ge=1, description="largest batch one request may carry")
     max_request_elements: int | None = Field(
         None, ge=1, description="most elements one input tensor of a request may declare (413 beyond); "

@@ -44,6 +44,8 @@ class ServingView(Protocol):
     #   take_batches() -> Sequence[BatchSample]: batches served since the last call;
     #   cpu_allocated_mms(now_ms) -> float: cumulative allocated CPU as applied, all replicas, millicore-ms;
     #   replicas_starting() -> int: replicas ordered and still in their cold start.
+    #   front_door_cpu_s() -> float: cumulative CPU seconds the front door (server process, not its
+    #   replicas) has used.
 
 
 class Applier(Protocol):
@@ -65,6 +67,9 @@ class DecisionLogEntry:
     explanation: str
     decide_us: float
     total_cpu_m: int = 0  # allocated CPU as applied (all replicas), time-weighted over the interval ending here
+    # CPU the front door used over the interval ending here (millicores: CPU ms per second), beside the
+    # replicas' allocation; None where the view cannot measure it
+    front_door_cpu_m: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -88,6 +93,12 @@ class Controller:
         now = clock()
         self.builder = ObservationBuilder(interval_ms, now, view.arrivals_total(), self._usage_mms(),
                                           self._allocated_mms(now))
+        self._front_door_s = self._front_door_cpu_s()
+        self.front_door_cpu_m: float | None = None  # over the interval the last observe() closed
+
+    def _front_door_cpu_s(self) -> float | None:
+        read = getattr(self.view, "front_door_cpu_s", None)
+        return None if read is None else float(read())
 
     def _usage_mms(self) -> dict[object, float | None]:
         """Per replica, keyed by name when the view gives a mapping (replicas come and go), else by index."""
@@ -111,6 +122,10 @@ class Controller:
         now = self.clock()
         view = self.view
         budgets = [b if isinstance(b, tuple) else (now, b) for b in view.take_budgets()]
+        since = self.builder.last_t
+        fd0, self._front_door_s = self._front_door_s, self._front_door_cpu_s()
+        self.front_door_cpu_m = (None if fd0 is None or self._front_door_s is None
+                                 else (self._front_door_s - fd0) * 1e6 / max(1e-6, now - since))
         return self.builder.observe(now, view.arrivals_total(), budgets, view.queue_remaining_ms(now),
                                     self._usage_mms(), self.current, replicas_starting=self._replicas_starting(),
                                     batches=self._batches(),
@@ -127,7 +142,8 @@ class Controller:
         self.current = decision
         entry = DecisionLogEntry(obs.now_ms, self.policy.name, obs.arrival_rate_rps, len(obs.queue_remaining_ms),
                                  decision.cpu_m, decision.batch, decision.replicas, decision.feasible,
-                                 decision.explanation, decide_us, int(round(self.builder.total_cpu_m)))
+                                 decision.explanation, decide_us, int(round(self.builder.total_cpu_m)),
+                                 None if self.front_door_cpu_m is None else round(self.front_door_cpu_m, 3))
         self.decisions.append(entry)
         if self.on_decision is not None:
             self.on_decision(entry)

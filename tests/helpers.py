@@ -1,8 +1,11 @@
-"""Small pieces several test modules share: running one CLI sub-command, a scripted policy."""
+"""Small pieces several test modules share: running one CLI sub-command, a scripted policy, waiting for a
+condition on the event loop."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -30,3 +33,12 @@ class Scripted:
     def decide(self, obs: Observation) -> Decision:
         self.seen.append(obs)
         return self.script.get(obs.now_ms, obs.current)
+
+
+async def until(cond: Callable[[], bool], timeout_s: float = 10.0, what: str = "condition") -> None:
+    """Wait (polling every 2 ms) until `cond()` holds; AssertionError naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.002)

@@ -40,7 +40,7 @@ def test_a_model_file_that_is_not_onnx_is_one_line_and_leaves_no_cgroup(tmp_path
     model = tmp_path / "notes.onnx"
     model.write_text("these are my notes, not a model\n")
     proc = subprocess.Popen([sys.executable, "-m", "sponge.cli", "serve", "--model", str(model), "--policy",
-                             "static", "--port", str(free_port())],
+                             "static", "--port", str(free_port()), "--grpc-port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout, stderr = proc.communicate(timeout=120)
     line = one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
@@ -54,9 +54,14 @@ def test_a_taken_port_is_one_line_before_anything_is_spawned():
         s.listen()
         port = s.getsockname()[1]
         out = run_cli("serve", "--host", "127.0.0.1", "--port", str(port), "--policy", "static")
+        grpc_out = run_cli("serve", "--host", "127.0.0.1", "--port", str(free_port()), "--grpc-port", str(port),
+                           "--policy", "static")
     assert out.returncode == 1
     assert one_line_error(out) == f"sponge: error: port {port} on 127.0.0.1 is in use"
     assert "terminate called" not in out.stderr
+    assert grpc_out.returncode == 1
+    assert one_line_error(grpc_out) == (f"sponge: error: gRPC port {port} on 127.0.0.1 is in use (--grpc-port N for "
+                                        "another port, --grpc-port 0 to turn gRPC off)")
 
 
 def test_classify_without_a_server_is_one_line():

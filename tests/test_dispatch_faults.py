@@ -18,6 +18,7 @@ import numpy as np
 import orjson
 import pytest
 
+from helpers import until
 from sponge.runtime.base import TensorSpec
 from sponge.runtime.replica import BatchResult
 from sponge.scheduling.batcher import Batcher, Dispatch, ExpiryPolicy
@@ -198,13 +199,6 @@ def submit(core: ServingCore, x: np.ndarray, budget_ms: float = 60000.0):
 def count(core: ServingCore, name: str) -> float:
     return core.metrics.registry.get_sample_value(name, {"model": "m"}) or 0.0
 
-
-async def until(cond, timeout_s: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def test_mixed_widths_are_batched_by_width_and_all_answered():

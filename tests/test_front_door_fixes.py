@@ -17,6 +17,7 @@ import numpy as np
 import orjson
 import pytest
 
+from helpers import until
 from sponge.protocol.v2 import ProtocolError
 from sponge.runtime.base import TensorSpec
 from sponge.runtime.replica import BatchResult, Replica, ReplicaDied
@@ -82,13 +83,6 @@ def infer_body(**params) -> bytes:
     return orjson.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}],
                          "parameters": params})
 
-
-async def until(cond, timeout_s: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def counter(core: ServingCore, outcome: str) -> float:

@@ -38,6 +38,9 @@ class FakeCore:
     queue: list = field(default_factory=list)
     cpu_m: dict = field(default_factory=lambda: {"r0": 2000})
 
+    def serving(self) -> list:
+        return [r for r in self.replicas if r.ready]
+
 
 class FakeScaler:
     min_cpu_m, max_cpu_m = 100, 2000

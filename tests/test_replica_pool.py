@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+from helpers import until
 from sponge.config import ConfigError, ServerConfig
 from sponge.runtime.base import TensorSpec
 from sponge.runtime.replica import BatchResult, Replica
@@ -113,13 +114,6 @@ def submit(core: ServingCore, budget_ms: float = 60_000.0, rid: int | None = Non
 def gauge(core: ServingCore, state: str) -> float:
     return core.metrics.registry.get_sample_value("sponge_replicas", {"state": state})
 
-
-async def until(cond, timeout_s: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.002)
 
 
 def test_global_edf_order_across_replicas():
@@ -414,4 +408,51 @@ def test_real_worker_processes_scale_out_with_a_measured_cold_start_and_drain_ba
             assert core.replicas[0].name == "r0"
         finally:
             await core.close()
+    asyncio.run(run())
+
+
+def test_the_controller_scales_the_live_pool_and_observes_replicas_still_starting():
+    """The live loop end to end on fake replicas: a decision for 3 replicas starts two (their cold start
+    shows in the next Observation as replicas_starting, and they are billed meanwhile); one for 1 drains
+    two; every request answered."""
+    from helpers import Scripted  # noqa: I001
+
+    from sponge.control import Controller
+    from sponge.policy.types import Decision
+    from sponge.server.live import LiveApplier, LiveView
+
+    async def run():
+        ref: list = []
+        r0 = FakeReplica("r0", ref)
+        await r0.start()
+        core = make_core([r0], ref, batch=2)
+        gate = asyncio.Event()
+        pool, scaler, made = make_pool(core, ref, max_replicas=3, gate=gate)
+        t = [0.0]
+        policy = Scripted({1000.0: Decision(800, 2, 3), 3000.0: Decision(800, 2, 1)})
+        ctl = Controller(policy, LiveView(core, scaler), LiveApplier(core, scaler, 8, None, pool),
+                         Decision(1000, 2, 1), 1000.0, clock=lambda: t[0])
+        core.start()
+        try:
+            t[0] = 1000.0
+            ctl.tick()
+            assert pool.ordered() == 3 and core.states()["starting"] == 2
+            assert all(core.cpu_m[r.name] == 800 for r in core.replicas)
+            t[0] = 2000.0
+            ctl.tick()
+            assert policy.seen[-1].replicas_starting == 2
+            gate.set()
+            await until(lambda: core.states()["ready"] == 3, what="three ready")
+            ps = [submit(core)[1] for _ in range(30)]
+            await asyncio.wait_for(asyncio.gather(*(p.future for p in ps)), 10)
+            t[0] = 3000.0
+            ctl.tick()
+            assert core.states()["draining"] + len([r for r in made if r.stopped]) == 2
+            await until(lambda: len(core.replicas) == 1, what="two drained")
+            t[0] = 4000.0
+            ctl.tick()
+            assert policy.seen[-1].replicas_starting == 0
+        finally:
+            await core.close()
+        assert sum(len(r.served) for r in [r0, *made]) >= 30
     asyncio.run(run())

@@ -17,6 +17,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from sponge.runtime import ipc
 from sponge.runtime.onnx_runtime import OnnxRuntime
 
 WAIT_S = 10.0  # generous: only bounds a hang, never a timing assertion
@@ -127,6 +128,12 @@ class _LaggingRuntime:
         return {}
 
 
+def _infer_message(batch_id: int) -> bytes:
+    """A batch of no tensors, in the replica IPC format (sponge.runtime.ipc)."""
+    return ipc.encode({"op": "infer", "id": batch_id, "in": None, "in_size": 0, "out": None, "out_size": 0,
+                       "inputs": []})
+
+
 def test_worker_reports_the_thread_count_in_force(monkeypatch: pytest.MonkeyPatch) -> None:
     import sponge.runtime.onnx_runtime as onnx_runtime
     from sponge.runtime.worker import worker_main
@@ -137,12 +144,12 @@ def test_worker_reports_the_thread_count_in_force(monkeypatch: pytest.MonkeyPatc
     worker.start()
     try:
         assert server.poll(WAIT_S) and server.recv()[0] == "ready"
-        server.send(("infer", 7, {}))
+        server.send_bytes(_infer_message(7))
         assert server.poll(WAIT_S)
-        kind, batch_id, _outputs, _ms, threads = server.recv()
-        assert (kind, batch_id, threads) == ("result", 7, 1)
+        answer, _ = ipc.decode(server.recv_bytes())
+        assert (answer["op"], answer["id"], answer["threads"]) == ("result", 7, 1)
     finally:
-        server.send(("stop",))
+        server.send_bytes(ipc.encode({"op": "stop"}))
         worker.join(WAIT_S)
     assert not worker.is_alive()
 
@@ -175,7 +182,7 @@ def test_worker_exits_quietly_when_the_server_goes_away_mid_batch(monkeypatch: p
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
     assert server.poll(WAIT_S) and server.recv()[0] == "ready"
-    server.send(("infer", 1, {}))
+    server.send_bytes(_infer_message(1))
     assert _SlowRuntime.started.wait(WAIT_S)
     server.close()
     worker.join(WAIT_S)

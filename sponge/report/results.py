@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Literal
@@ -49,6 +50,10 @@ class TimelineRecord:
     queue_len: int
     feasible: bool = True
     refused_replicas: int = 0  # replicas the scale-out of this interval asked for that fit on no node (simulator)
+    # CPU the front door (HTTP, decoding, queue, controller: the server process, not its replicas) used over
+    # the interval, in millicores; live: measured (sponge_front_door_cpu_seconds), simulated: arrivals x
+    # SimConfig.front_door_cpu_ms. NaN: not measured (older runs). Not part of total_cpu_m.
+    front_door_cpu_m: float = math.nan
 
 
 def _write_csv(path: Path, rows: Iterable[Any], cls: type) -> None:

@@ -9,7 +9,11 @@ Conventions:
     the p99 request overran what the network left it); budgets under 1 ms count as 1 ms so the ratio
     stays finite. `p99_e2e_over_slo` = p99 of e2e_ms / slo_ms, the user's view.
   * core-seconds = integral of total_cpu_m over time / 1000, each timeline row covering the interval
-    since the previous row (the first since t=0).
+    since the previous row (the first since t=0): the replicas' allocation, what the runs have always
+    been compared by. `front_door_core_seconds` is the same integral of `front_door_cpu_m` — the CPU the
+    front door itself (the server process: HTTP, decoding, queue, controller) used, measured live, modelled
+    as a cost per request in the simulator — and `core_seconds_with_front_door` the sum of both (NaN when
+    a row lacks the front door's figure: an older run).
   * saveable (DESIGN §5): a request is *unsaveable* if it arrived already late (budget <= 0) or its budget
     is shorter than one inference at full allocation, l(1, max CPU) of the deployment's latency model
     (`saveable_floor_ms`); no policy can meet those. `attainment_saveable` = ok among the saveable ones.
@@ -44,6 +48,8 @@ class Summary:
     p99_e2e_over_slo: float = math.nan
     p50_budget_ms: float = math.nan
     core_seconds: float = math.nan  # NaN without a timeline
+    front_door_core_seconds: float = math.nan  # the front door's own CPU (NaN: not measured)
+    core_seconds_with_front_door: float = math.nan  # core_seconds + front_door_core_seconds
     mean_cpu_m: float = math.nan  # time-weighted mean of total_cpu_m
     max_cpu_m: float = math.nan
     duration_s: float = math.nan  # span of the timeline (or of send times if there is none)
@@ -75,6 +81,20 @@ def core_seconds(timeline: Sequence[TimelineRecord]) -> tuple[float, float]:
         total_m_ms += r.total_cpu_m * max(r.t_ms - prev, 0.0)
         prev = max(prev, r.t_ms)
     return total_m_ms / 1000.0 / 1000.0, prev / 1000.0
+
+
+def front_door_core_seconds(timeline: Sequence[TimelineRecord]) -> float:
+    """Integral of the timeline's `front_door_cpu_m` as `core_seconds` integrates `total_cpu_m`; NaN when
+    there is no timeline or a row has no figure (a run recorded before the front door was measured)."""
+    rows = sorted(timeline, key=lambda r: r.t_ms)
+    total_m_ms, prev = 0.0, 0.0
+    for r in rows:
+        v = float(getattr(r, "front_door_cpu_m", math.nan))
+        if not math.isfinite(v):
+            return math.nan
+        total_m_ms += v * max(r.t_ms - prev, 0.0)
+        prev = max(prev, r.t_ms)
+    return total_m_ms / 1e6 if rows else math.nan
 
 
 def saveable_floor_ms(model: Any, max_cpu_m: float) -> float:
@@ -109,6 +129,7 @@ def summarize(requests: Sequence[RequestRecord], timeline: Sequence[TimelineReco
     saveable = [r for r in requests if is_saveable(r.budget_ms, saveable_floor_ms)]
     saved = sum(1 for r in saveable if r.outcome == "ok")
 
+    fd = front_door_core_seconds(timeline)
     if timeline:
         cs, dur = core_seconds(timeline)
         mean_cpu = cs * 1000.0 / dur if dur > 0 else math.nan
@@ -128,6 +149,8 @@ def summarize(requests: Sequence[RequestRecord], timeline: Sequence[TimelineReco
         p99_e2e_over_slo=_pct(over_slo, 99),
         p50_budget_ms=_pct(budgets, 50),
         core_seconds=cs,
+        front_door_core_seconds=fd,
+        core_seconds_with_front_door=cs + fd,
         mean_cpu_m=mean_cpu,
         max_cpu_m=max_cpu,
         duration_s=dur,
@@ -155,6 +178,8 @@ _ROWS: list[tuple[str, str, str]] = [
     ("p99 e2e/slo", "p99_e2e_over_slo", "{:.3f}"),
     ("budget p50 (ms)", "p50_budget_ms", "{:.1f}"),
     ("core-seconds", "core_seconds", "{:.1f}"),
+    ("  front door", "front_door_core_seconds", "{:.2f}"),
+    ("  with front door", "core_seconds_with_front_door", "{:.1f}"),
     ("mean CPU (m)", "mean_cpu_m", "{:.0f}"),
     ("max CPU (m)", "max_cpu_m", "{:.0f}"),
     ("duration (s)", "duration_s", "{:.1f}"),

@@ -25,7 +25,6 @@ from sponge.protocol.v2 import (
     HEADER_LENGTH,
     Limits,
     ProtocolError,
-    classify,
     encode_infer_response,
 )
 from sponge.runtime.base import TensorSpec
@@ -39,6 +38,7 @@ from sponge.server.core import (
     ShuttingDown,
 )
 from sponge.server.decode import BodyDecoder, DecoderFailed
+from sponge.server.frontdoor import FrontDoor, requested_outputs
 from sponge.server.slo import request_budget
 
 EXTENSIONS = ["binary_tensor_data", "classification", "sponge_dynamic_slo"]
@@ -129,7 +129,9 @@ def create_app(core: ServingCore, *, max_body_bytes: int, default_slo_ms: float,
     app.state.core = core
     name = core.model_name
     metrics = core.metrics
+    door = FrontDoor(core, "http")
     app.state.decoder = decoder
+    metrics.front_door.decoder = decoder  # its child's CPU is front-door CPU (sponge_front_door_cpu_seconds)
 
     def model_known(model_name: str) -> Response | None:
         if model_name != name:
@@ -188,16 +190,16 @@ def create_app(core: ServingCore, *, max_body_bytes: int, default_slo_ms: float,
         arrival_ms = core.clock()
         arrival_wall_s = time.time()  # the same moment on the wall clock, for sent_at: before the body is read
         if (resp := model_known(model_name)) is not None:
-            metrics.requests.labels(name, "invalid").inc()
+            door.count("invalid")
             return resp
         try:
             body = await read_body(request, max_body_bytes)
         except BodyTooLarge as exc:
-            metrics.requests.labels(name, "invalid").inc()
+            door.count("invalid")
             return error(413, str(exc))
         replica = core.spec_replica
         if replica is None:
-            metrics.requests.labels(name, "rejected").inc()
+            door.count("rejected")
             return no_worker_yet()
         try:
             hl = header_length(request.headers.get(HEADER_LENGTH))
@@ -207,54 +209,26 @@ def create_app(core: ServingCore, *, max_body_bytes: int, default_slo_ms: float,
             budget = request_budget(req.parameters, request.headers, arrival_ms, arrival_wall_s,
                                     default_slo_ms, max_clock_skew_ms)
         except ProtocolError as exc:
-            metrics.requests.labels(name, "invalid").inc()
+            door.count("invalid")
             return error(exc.status, exc.message)
         except DecoderFailed as exc:
-            metrics.requests.labels(name, "error").inc()
+            door.count("error")
             return error(500, str(exc))
-        metrics.budget.labels(name).observe(max(0.0, budget.budget_ms) / 1000.0)
-        pending: Pending | None = None
         try:
-            pending = core.submit(req.inputs, items, budget, arrival_ms)
-            served = await served_unless_gone(core, pending, request)
-            if served is None:  # the client went away while queued: nobody to answer
-                metrics.requests.labels(name, "cancelled").inc()
-                return error(499, "client closed the request")
+            answer = await door.serve(req.inputs, items, budget, arrival_ms,
+                                      lambda pending: served_unless_gone(core, pending, request))
         except DeadlineExpired as exc:
-            metrics.requests.labels(name, "expired").inc()
-            if pending is None:  # refused on arrival (admission), not expired in the queue
-                metrics.refusal_latency.labels(name).observe((core.clock() - arrival_ms) / 1000.0)
             return error(504, f"deadline exceeded: {exc}")
         except ServerBusy as exc:
-            metrics.requests.labels(name, "rejected").inc()
-            metrics.refusal_latency.labels(name).observe((core.clock() - arrival_ms) / 1000.0)
             return error(503, f"server busy: {exc}", {"Retry-After": str(exc.retry_after_s)})
         except ShuttingDown as exc:  # queued or in flight at SIGTERM: another server may take it
-            metrics.requests.labels(name, "error").inc()
             return error(503, f"server busy: {exc}", {"Retry-After": "1"})
         except InferenceFailed as exc:
-            metrics.requests.labels(name, "error").inc()
             return error(500, f"inference failed: {exc}")
-        server_ms = core.clock() - arrival_ms
-        met = server_ms <= budget.budget_ms
-        metrics.requests.labels(name, "ok" if met else "late").inc()
-        metrics.server_latency.labels(name).observe(server_ms / 1000.0)
-        metrics.queue_time.labels(name).observe(served.queue_ms / 1000.0)
-        outputs = []
-        if req.outputs:
-            for o in req.outputs:
-                arr = served.outputs[o.name]
-                if o.classification:
-                    arr = classify(arr, o.classification, replica.labels)
-                outputs.append((o.name, arr, o.binary))
-        else:
-            outputs = [(k, v, req.binary_output_default) for k, v in served.outputs.items()]
-        params = {
-            "slo_ms": budget.slo_ms, "network_ms": round(budget.network_ms, 3),
-            "budget_ms": round(budget.budget_ms, 3), "server_ms": round(server_ms, 3),
-            "queue_ms": round(served.queue_ms, 3), "infer_ms": round(served.infer_ms, 3),
-            "batch_size": served.batch_size, "cpu_m": served.cpu_m, "deadline_met": met,
-        }
+        if answer is None:  # the client went away while queued: nobody to answer
+            return error(499, "client closed the request")
+        outputs = requested_outputs(req.outputs, answer.served, replica.labels, req.binary_output_default)
+        params = answer.params
         body_out, headers = encode_infer_response(name, None, req.id, outputs, params)
         return Response(body_out, headers=headers)
 

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from sponge.perf.samples import BatchSample
-from sponge.runtime.replica import Replica, ReplicaDied, ReplicaError
+from sponge.runtime.replica import BatchParts, Replica, ReplicaDied, ReplicaError
 from sponge.scheduling.admission import HOPELESS, AdmissionControl
 from sponge.scheduling.batcher import Batcher, Dispatch, ExpiryPolicy
 from sponge.scheduling.edf import EDFQueue, Entry, QueueFull
@@ -327,6 +327,11 @@ class ServingCore:
         expected latency, and at least the floor (meant for a whole core: scaled up below one)."""
         floor = self.replica_timeout_floor_ms * (max(1.0, 1000.0 / cpu_m) if cpu_m else 1.0)
         return max(floor, self.replica_timeout_factor * self.estimate(images))
+
+    @property
+    def closing(self) -> bool:
+        """True once close() has begun: new requests are refused (ServerBusy "server is shutting down")."""
+        return self._closing
 
     def can_serve(self) -> bool:
         """Readiness: some replica can take work — its process running, its dispatch loop alive, and no
@@ -681,11 +686,8 @@ class ServingCore:
         self.size_batch(start)  # it starts: more CPU if the work queued behind it needs it (before it is sent)
         cpu_m = self.cpu_m[replica.name]  # the allocation the batch starts on (its BatchSample's c)
         resizes = self.resizes.get(replica.name, 0)
-        names = list(pendings[0].inputs)
-        if len(pendings) == 1:
-            inputs = pendings[0].inputs
-        else:
-            inputs = {n: np.concatenate([p.inputs[n] for p in pendings]) for n in names}
+        # several requests: joined by the replica straight into its shared memory (one copy each)
+        inputs = pendings[0].inputs if len(pendings) == 1 else BatchParts([p.inputs for p in pendings])
         timeout_ms = self.watchdog_ms(sum(p.items for p in pendings), self.cpu_m[replica.name])
         self._overdue_at[replica.name] = start + timeout_ms
         expected_ms = self.latency_ms(n_images, cpu_m) + self.dispatch_overhead_ms

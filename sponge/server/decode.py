@@ -44,6 +44,7 @@ The child is started on the first body that needs it (~0.4 s) and restarted if i
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import multiprocessing
 import os
@@ -51,13 +52,14 @@ import threading
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from sponge.protocol.v2 import InferRequest, Limits, decode_request
 from sponge.runtime.base import TensorSpec
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 THREAD_BYTES = 256 * 1024
 PROCESS_JSON_BYTES = 1024 * 1024
 
@@ -72,8 +74,28 @@ def _exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """CPU time (user + system, seconds) a live process has used so far, from /proc; None if unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()  # after the command name, which may hold spaces
+    except (OSError, IndexError):
+        return None
+    try:  # utime, stime: fields 14 and 15 of stat(5), 12 and 13 after "pid (comm)"
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    except (IndexError, ValueError):
+        return None
+
+
 class DecoderFailed(Exception):
     """The decoding process died (e.g. killed for memory): a server fault, answered 500."""
+
+
+class DecoderClosed(Exception):
+    """The decoder was closed (the server is stopping) while a body waited for its threads."""
 
 
 class BodyDecoder:
@@ -88,6 +110,10 @@ class BodyDecoder:
         self._process: ProcessPoolExecutor | None = None
         self.counts = {"inline": 0, "thread": 0, "process": 0}
         self._closed = False
+        # CPU of the decoder child(ren), front-door work billed with it (child_cpu_s): the last reading of
+        # each live worker, and the sum of the last readings of those gone
+        self._child_cpu: dict[int, float] = {}
+        self._retired_cpu_s = 0.0
 
     @property
     def closed(self) -> bool:
@@ -116,6 +142,41 @@ class BodyDecoder:
                 self._drop_process()
             raise DecoderFailed("the request decoder process died; retry") from None
 
+    async def run(self, fn: Callable[..., T], *args: Any, size: int) -> T:
+        """`fn(*args)`, a decode of a `size`-byte message other than a V2 HTTP body (the gRPC front
+        door's): inline below `thread_bytes`, else on the decoder's threads (a protobuf parse holds the
+        GIL as a JSON one does, but its raw contents are copies, not a parse per number: ~1 ms/MiB; no
+        process hop pays for itself). ProtocolError passes through."""
+        if self._closed or size < self.thread_bytes:
+            self.counts["inline"] += 1
+            return fn(*args)
+        self.counts["thread"] += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._threads, functools.partial(fn, *args))
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._closed and task is not None and not task.cancelling():  # our pool stopped, not the caller
+                raise DecoderClosed("server is shutting down") from None
+            raise
+
+    def child_cpu_s(self) -> float:
+        """CPU seconds used so far by the decoder's child process(es), dead ones included (each counted up to
+        its last reading: the CPU a child used after it was last read and before it died is not seen).
+        Reads /proc: cheap, called at a metrics scrape or a controller tick."""
+        workers = getattr(self._process, "_processes", None) or {}  # private, as in _detach_process
+        seen: dict[int, float] = {}
+        for pid in list(workers):
+            cpu = process_cpu_s(pid)
+            if cpu is not None:
+                seen[pid] = max(cpu, self._child_cpu.get(pid, 0.0))
+            elif pid in self._child_cpu:
+                seen[pid] = self._child_cpu[pid]
+        for pid, cpu in self._child_cpu.items():
+            if pid not in seen:  # gone (died, or the pool was dropped): keep what it used
+                self._retired_cpu_s += cpu
+        self._child_cpu = seen
+        return self._retired_cpu_s + sum(seen.values())
+
     def _pool(self) -> ProcessPoolExecutor:
         if self._process is None:  # spawn, not fork: this process runs an event loop and threads
             self._process = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
@@ -125,6 +186,8 @@ class BodyDecoder:
     def _detach_process(self) -> ProcessPoolExecutor | None:
         """Forget the pool and stop its worker at once: shutdown(wait=False) alone left the worker
         running after the server exited (seen live); what it was decoding is abandoned anyway."""
+        if self._process is not None:
+            self.child_cpu_s()  # its workers' last readings, before they go
         pool, self._process = self._process, None
         if pool is not None:
             workers = getattr(pool, "_processes", None) or {}  # private, but the only handle on them

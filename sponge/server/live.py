@@ -23,6 +23,10 @@ class LiveView:
         self.scaler = scaler
         self.pool = pool  # when given, its `starting()` counts the replicas in their cold start
 
+    def front_door_cpu_s(self) -> float:
+        """CPU seconds the front door has used (server/metrics.py FrontDoorCpu: this process, not its replicas)."""
+        return self.core.metrics.front_door.seconds()
+
     def arrivals_total(self) -> int:
         return self.core.arrivals
 

@@ -2,11 +2,52 @@
 
 from __future__ import annotations
 
+import time
+from typing import Any, Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 REFUSAL_BUCKETS_S = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class FrontDoorCpu:
+    """CPU time the front door has used: this server process — every thread of it (event loop, HTTP
+    parsing, decoding threads, queue, batcher, controller, prober) — children excluded, so the replicas,
+    which are billed by their own allocation, are not counted twice; plus the JSON decoder's child process
+    (server/decode.py), which does front-door work. Cumulative seconds since the process started."""
+
+    def __init__(self, process_cpu_s: Callable[[], float] = time.process_time) -> None:
+        self.process_cpu_s = process_cpu_s
+        self.decoder: Any = None  # a BodyDecoder, set by create_app: its child's CPU counts too
+
+    def decoder_s(self) -> float:
+        return float(self.decoder.child_cpu_s()) if self.decoder is not None else 0.0
+
+    def seconds(self) -> float:
+        return self.process_cpu_s() + self.decoder_s()
+
+
+class _FrontDoorCollector:
+    """Computed at each scrape (a counter whose value is read, not incremented)."""
+
+    def __init__(self, cpu: FrontDoorCpu) -> None:
+        self.cpu = cpu
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily("sponge_front_door_cpu_seconds", "")
+        yield CounterMetricFamily("sponge_front_door_decoder_cpu_seconds", "")
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        decoder = self.cpu.decoder_s()
+        yield CounterMetricFamily(
+            "sponge_front_door_cpu_seconds", "CPU time used by the front door: the server process (all its "
+            "threads, children excluded) plus the JSON decoder's child process; the replicas are not in it",
+            value=self.cpu.process_cpu_s() + decoder)
+        yield CounterMetricFamily("sponge_front_door_decoder_cpu_seconds", "Of which the JSON decoder's child "
+                                  "process (large JSON bodies)", value=decoder)
 
 
 class Metrics:
@@ -14,9 +55,14 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        self.front_door = FrontDoorCpu()  # its decoder is set by create_app
+        r.register(_FrontDoorCollector(self.front_door))
         self.requests = Counter("sponge_requests", "Inference requests by outcome "
                                 "(ok, late, expired, rejected, invalid, error, cancelled)", ["model", "outcome"],
                                 registry=r)
+        self.requests_by_protocol = Counter("sponge_requests_by_protocol", "Inference requests by front door "
+                                            "(http, grpc) and outcome (as sponge_requests, which counts both)",
+                                            ["model", "protocol", "outcome"], registry=r)
         self.server_latency = Histogram("sponge_request_server_latency_seconds",
                                         "Time from arrival to response, in the server", ["model"],
                                         buckets=LATENCY_BUCKETS_S, registry=r)

@@ -5,11 +5,16 @@
         srv.admin("GET", "/admin/replicas")                           # bearer auth with srv.admin_token
     # stopped: SIGTERM to its own PID, SIGKILL after a grace period
 
+    with ServerProcess(grpc=True) as srv:                             # gRPC too, on another free port
+        tritonclient.grpc.InferenceServerClient(srv.grpc_url)         # "127.0.0.1:<srv.grpc_port>"
+
 The server is started as `python -m sponge.cli serve` with the current interpreter, on 127.0.0.1 and a
 port the OS just handed out (bound and released; if another process takes it in between, the start is
 retried once on a new port). Its output goes to a log file (`log_path`) that is quoted whenever it fails
 to start. Unless the arguments choose a policy, it runs `--policy static` (a fixed allocation: what a
 test or a benchmark of the serving path wants; pass `default_policy=None` for serve's own default).
+gRPC is off (`--grpc-port 0`: tests start many servers at once, none may take serve's default 8001)
+unless `grpc=True` (a free port of its own, `grpc_port` / `grpc_url`) or the arguments give `--grpc-port`.
 """
 
 from __future__ import annotations
@@ -49,8 +54,12 @@ class ServerProcess:
 
     def __init__(self, *args: str, env: dict[str, str] | None = None, admin_token: str = ADMIN_TOKEN,
                  default_policy: str | None = "static", ready_timeout_s: float = READY_TIMEOUT_S,
-                 log_level: str = "warning") -> None:
+                 log_level: str = "warning", grpc: bool = False) -> None:
         self.admin_token = admin_token
+        self._grpc = grpc
+        self._grpc_fixed: int | None = None  # a --grpc-port given in args
+        if "--grpc-port" in args:
+            self._grpc_fixed = int(args[list(args).index("--grpc-port") + 1])
         self._env = {**os.environ, **(env or {})}
         self._args = [*args]
         if default_policy is not None and "--policy" not in args:
@@ -70,6 +79,18 @@ class ServerProcess:
     def _start(self) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        grpc_args: list[str] = []
+        if self._grpc_fixed is not None:
+            self.grpc_port: int | None = self._grpc_fixed or None
+        elif self._grpc:
+            self.grpc_port = free_port()
+            while self.grpc_port == self.port:
+                self.grpc_port = free_port()
+            grpc_args = ["--grpc-port", str(self.grpc_port)]
+        else:
+            self.grpc_port = None
+            grpc_args = ["--grpc-port", "0"]
+        self.grpc_url: str | None = None if self.grpc_port is None else f"127.0.0.1:{self.grpc_port}"
         self.log_path = Path(tempfile.gettempdir()) / f"sponge-server-{self.port}.log"
         # The token goes in a file only this user can read (as an operator should pass it), not in argv.
         self._token_path = Path(tempfile.gettempdir()) / f"sponge-server-{self.port}.token"
@@ -77,7 +98,7 @@ class ServerProcess:
         with os.fdopen(fd, "w") as f:
             f.write(self.admin_token + "\n")
         cmd = [sys.executable, "-m", "sponge.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               "--admin-token-file", str(self._token_path), *self._args]
+               "--admin-token-file", str(self._token_path), *grpc_args, *self._args]
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self._env)
 
@@ -91,7 +112,8 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 self._close_log()
                 log = self.log_path.read_text()
-                if "address already in use" in log.lower() or f"port {self.port} on 127.0.0.1 is in use" in log:
+                taken = [f"port {p} on 127.0.0.1 is in use" for p in (self.port, self.grpc_port) if p]
+                if "address already in use" in log.lower() or any(s in log for s in taken):
                     raise _PortTaken()
                 raise RuntimeError(f"server exited ({self.proc.returncode}): {log}")
             try:

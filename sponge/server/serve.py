@@ -33,8 +33,9 @@ from sponge.scheduling.batcher import ExpiryPolicy
 from sponge.server.admin import install_admin
 from sponge.server.app import create_app
 from sponge.server.core import ServingCore
+from sponge.server.grpc_service import GrpcBindError, GrpcService
 from sponge.server.live import LiveApplier, LiveView
-from sponge.server.memory import IdleTrimmer
+from sponge.server.memory import IdleTrimmer, freeze_startup_objects
 from sponge.server.metrics import Metrics
 from sponge.server.per_batch import PerBatchSizer
 from sponge.server.pool import ReplicaPool
@@ -83,8 +84,12 @@ class StartupError(RuntimeError):
     """The server cannot start (e.g. its port is taken); the message says why in one line."""
 
 
-def check_port_free(host: str, port: int) -> None:
-    """Bind host:port for a moment as uvicorn will (SO_REUSEADDR), before any replica is spawned."""
+GRPC_PORT_HINT = " (--grpc-port N for another port, --grpc-port 0 to turn gRPC off)"
+
+
+def check_port_free(host: str, port: int, what: str = "", hint: str = "") -> None:
+    """Bind host:port for a moment as uvicorn (and gRPC, SO_REUSEPORT off) will (SO_REUSEADDR), before
+    any replica is spawned. `what` prefixes the message ("gRPC "), `hint` ends it."""
     if port == 0:
         return
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -94,8 +99,9 @@ def check_port_free(host: str, port: int) -> None:
             s.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise StartupError(f"port {port} on {host} is in use") from None
-            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+                raise StartupError(f"{what}port {port} on {host} is in use{hint}") from None
+            raise StartupError(f"cannot listen on {host}:{port}{' for ' + what.strip() if what else ''}: "
+                               f"{exc.strerror or exc}{hint}") from None
 
 
 def machine_cpu_m() -> int:
@@ -459,6 +465,7 @@ def build_app(cfg: ServerConfig) -> FastAPI:
                 metrics.threads.labels(r.name).set(r.threads)
         core._count_states()
         core.start()
+        log.info("froze %d startup objects out of the garbage collector's scans", freeze_startup_objects())
         if k8s_pool is not None:
             await k8s_pool.start()
             have = k8s_pool.ordered()
@@ -506,6 +513,10 @@ def build_app(cfg: ServerConfig) -> FastAPI:
     app.state.scaler = scaler
     app.state.pool = pool
     app.state.controller = controller
+    # the gRPC front door on the same core, limits and decoder threads; `run` starts it (--grpc-port)
+    app.state.grpc = GrpcService(core, max_message_bytes=cfg.max_body_bytes, default_slo_ms=cfg.default_slo_ms,
+                                 max_clock_skew_ms=cfg.max_clock_skew_ms, max_request_batch=cfg.max_request_batch,
+                                 max_request_elements=cfg.max_request_elements, decoder=app.state.decoder)
     return app
 
 
@@ -514,27 +525,63 @@ def run(cfg: ServerConfig) -> None:
 
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     check_port_free(cfg.host, cfg.port)  # before anything is spawned: a taken port is one line, not a crash
+    if cfg.grpc_port:
+        if cfg.grpc_port == cfg.port:
+            raise StartupError(f"--grpc-port {cfg.grpc_port} is also the HTTP --port{GRPC_PORT_HINT}")
+        check_port_free(cfg.host, cfg.grpc_port, "gRPC ", GRPC_PORT_HINT)
     app = build_app(cfg)
+    grpc_service: GrpcService = app.state.grpc
+    failed: list[str] = []
+
     class Server(uvicorn.Server):
-        """At SIGTERM the serving core stops at once (bounded), concurrently with uvicorn's wait for open
+        """The gRPC server starts once uvicorn has started (the lifespan ran: replicas up, core serving; the
+        HTTP port bound) on the same event loop, and stops with it.
+        At SIGTERM the serving core stops at once (bounded), concurrently with uvicorn's wait for open
         connections: their requests are answered ("server is shutting down") rather than waited for. uvicorn
         runs the lifespan's end only after every connection has closed, so a request held in the queue
-        would otherwise hold the exit forever."""
+        would otherwise hold the exit forever. The gRPC server stops once the core has (`stop_grpc`)."""
+
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if cfg.grpc_port and self.started:
+                try:
+                    await grpc_service.start(cfg.host, cfg.grpc_port)
+                except GrpcBindError as exc:  # taken since check_port_free: stop as uvicorn does
+                    failed.append(f"gRPC port {cfg.grpc_port} on {cfg.host} is in use or cannot be bound "
+                                  f"({exc}){GRPC_PORT_HINT}")
+                    log.error("%s", failed[-1])
+                    self.should_exit = True
 
         async def shutdown(self, sockets: Any = None) -> None:
+            t0 = time.monotonic()
             stop = getattr(app.state, "stop_serving", None)
             stopping = asyncio.ensure_future(stop()) if stop is not None else None
+
+            async def stop_grpc() -> None:
+                """After the core: meanwhile every RPC, queued or arriving, is answered UNAVAILABLE "shutting
+                down" by it (stopping gRPC first would cancel those still being received: CANCELLED, which
+                says less). Then refuse new RPCs; the rest (uploads in progress) until SHUTDOWN_GRACE_S."""
+                try:
+                    if stopping is not None:
+                        await asyncio.shield(stopping)
+                finally:
+                    await grpc_service.stop(max(0.2, SHUTDOWN_GRACE_S - (time.monotonic() - t0)))
+
+            grpc_stopping = asyncio.ensure_future(stop_grpc())
             try:
                 await super().shutdown(sockets)
             finally:
                 if stopping is not None:
                     await stopping
+                await grpc_stopping
 
     # Keep idle client connections for 75 s (like common proxies), not uvicorn's 5 s: clients that
     # send every few seconds would otherwise race the server closing their connection. A connection still
     # open SHUTDOWN_GRACE_S after SIGTERM (e.g. a slow upload) is dropped: the exit is bounded.
     Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=False,
                           timeout_keep_alive=75, timeout_graceful_shutdown=SHUTDOWN_GRACE_S)).run()
+    if failed:
+        raise StartupError(failed[0])
 
 
 SHUTDOWN_GRACE_S = 3.0

@@ -24,9 +24,13 @@ in the order they were scheduled. Everything is deterministic under `SimConfig.s
 the service-time noise; the request plan has its own seed).
 
 Cost: core-seconds = integral over [0, end] of the CPU allocated to every replica that exists (starting,
-serving or draining), exactly (not sampled). The timeline's `total_cpu_m` is each interval's mean
-allocation, rounded (the live decision log bills the same quantity); its `cpu_m`, `replicas`, `batch` and
-`feasible` are those in force at the interval's end, before the controller's decision at that instant.
+serving or draining), exactly (not sampled). The front door's own CPU (HTTP parsing, decoding, queue,
+controller: the live server process, not its replicas) is modelled apart as `front_door_cpu_ms` of CPU per
+arriving request (refused ones too: they were parsed), reported as `front_door_core_seconds` and in the
+timeline's `front_door_cpu_m`, never inside `core_seconds` (`core_seconds_with_front_door` has both).
+The timeline's `total_cpu_m` is each interval's mean allocation, rounded (the live decision log bills the
+same quantity); its `cpu_m`, `replicas`, `batch` and `feasible` are those in force at the interval's end,
+before the controller's decision at that instant.
 
 The policy's Observation is built by `sponge.observe.ObservationBuilder`, the live controller's own
 builder, fed what the simulated server measured (budgets stamped with their arrival times, cumulative
@@ -64,6 +68,12 @@ _COMPLETE, _TICK, _RESIZE, _READY, _WAKE = range(5)
 
 RESIZE_DELAY_MS = 15.0  # SimConfig.resize_delay_ms default (see there)
 NODE_CPU_M = 16_000  # SimConfig: a node's CPU when only `nodes` is given (the paper's 16-core node)
+# SimConfig.front_door_cpu_ms default: the server process's CPU per request, bench/overhead.py's
+# `front_door_cpu_ms` for the default model's binary requests at concurrency 16 (what `sponge load` sends):
+# 0.70-0.83 ms on the 2-core host (2026-12-02). A request served alone costs more (concurrency 1: ~1.1 ms),
+# JSON images ~3.3-4 ms; and the live front door also spends ~2 m idle (static; ~20 m with sponge's idle
+# prober), which this per-request model leaves out.
+FRONT_DOOR_CPU_MS = 0.8
 DECISION_MS = 2.0  # SimConfig.decision_ms default: a per-batch CPU call (bench/decision_time.py: p50 50-80 us, 0.8-1.6 ms when even the top allocation falls short)
 
 
@@ -84,6 +94,8 @@ class SimConfig:
     per_batch: bool = True
     decision_ms: float = DECISION_MS
     cold_start_ms: float = 7000.0  # new replica -> ready
+    # CPU ms the front door spends per arriving request (FRONT_DOOR_CPU_MS): billed apart from the replicas
+    front_door_cpu_ms: float = FRONT_DOOR_CPU_MS
     noise_sigma: float = 0.0  # lognormal sigma of the service-time factor (mean 1); 0 = exact model
     expiry: str = "reject"  # ExpiryPolicy value: reject | serve_late
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS  # batcher: longest wait for a fuller batch (as the live server's)
@@ -111,6 +123,8 @@ class SimConfig:
     def __post_init__(self) -> None:
         if self.interval_ms <= 0 or self.resize_delay_ms < 0 or self.cold_start_ms < 0 or self.decision_ms < 0:
             raise ValueError("interval_ms must be > 0, delays >= 0")
+        if not self.front_door_cpu_ms >= 0 or not math.isfinite(self.front_door_cpu_ms):
+            raise ValueError("front_door_cpu_ms must be a finite number >= 0")
         if self.noise_sigma < 0 or self.max_wait_ms < 0 or self.budget_window_ms <= 0:
             raise ValueError("noise_sigma, max_wait_ms must be >= 0 and budget_window_ms > 0")
         if self.initial_cpu_m < 1 or self.initial_batch < 1 or self.initial_replicas < 1:
@@ -178,6 +192,12 @@ class SimResult:
     # l(1, max CPU) of the deployment's model (sponge.report.summary.saveable_floor_ms): budgets below it
     # are unsaveable (DESIGN §5). Set by whoever knows the deployment (sim.scenario.run_policies).
     saveable_floor_ms: float | None = None
+    # the front door's modelled CPU (arrivals x SimConfig.front_door_cpu_ms), apart from core_seconds
+    front_door_core_seconds: float = 0.0
+
+    @property
+    def core_seconds_with_front_door(self) -> float:
+        return self.core_seconds + self.front_door_core_seconds
 
     @property
     def n(self) -> int:
@@ -219,6 +239,8 @@ class SimResult:
             "duration_ms": self.requests.duration_ms,
             "end_ms": self.end_ms,
             "core_seconds": self.core_seconds,
+            "front_door_core_seconds": self.front_door_core_seconds,
+            "core_seconds_with_front_door": self.core_seconds_with_front_door,
             "counts": self.counts(),
             "saveable_floor_ms": self.saveable_floor_ms,
             "wall_s": self.wall_s,
@@ -662,6 +684,8 @@ class Simulator:
             t_ms=now, arrival_rps=obs.arrival_rate_rps, cpu_m=int(self.cpu), replicas=active,
             total_cpu_m=int(round(self.observer.total_cpu_m)), batch=self.batcher.batch_size,
             queue_len=len(self.queue), feasible=bool(self.current.feasible), refused_replicas=self._refused_tick,
+            # arrivals over the interval x CPU ms each = CPU ms per second = millicores
+            front_door_cpu_m=obs.arrival_rate_rps * cfg.front_door_cpu_ms,
         ))
         self._refused_tick = 0
         if self.progress is not None:
@@ -731,6 +755,7 @@ class Simulator:
             timeline=self.timeline,
             decisions=self.decisions,
             core_seconds=self._cost / 1e6,
+            front_door_core_seconds=self._arrived * self.cfg.front_door_cpu_ms / 1000.0,
             end_ms=now,
             wall_s=time.perf_counter() - wall0,
             events=n_events + n,

@@ -122,7 +122,8 @@ def fetch_timeline(url: str, token: str | None, since_server_ms: float) -> list[
 
     Each row's `total_cpu_m` is what the server applied over the interval ending at that tick (all
     replicas, time-weighted), so `core_seconds` of the timeline is the integral of the applied CPU; a
-    server too old to report it is billed with its decision at the tick instead."""
+    server too old to report it is billed with its decision at the tick instead. `front_door_cpu_m` is
+    the CPU the server process itself used over the interval (NaN from a server that does not report it)."""
     if token is None:
         return []
     r = httpx.get(f"{url}/admin/decisions", params={"since_ms": since_server_ms},
@@ -130,8 +131,12 @@ def fetch_timeline(url: str, token: str | None, since_server_ms: float) -> list[
     r.raise_for_status()
     return [TimelineRecord(e["t_ms"] - since_server_ms, e["arrival_rate_rps"], e["cpu_m"], e["replicas"],
                            e.get("total_cpu_m", e["cpu_m"] * e["replicas"]), e["batch"], e["queue_len"],
-                           e["feasible"])
+                           e["feasible"], front_door_cpu_m=_nan_if_none(e.get("front_door_cpu_m")))
             for e in r.json()["decisions"]]
+
+
+def _nan_if_none(v: float | None) -> float:
+    return math.nan if v is None else float(v)
 
 
 def server_now_ms(url: str, token: str | None) -> float | None:
