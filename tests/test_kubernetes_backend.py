@@ -241,6 +241,27 @@ def cluster(workers: Workers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         yield fc
 
 
+async def no_worker_yet_over_grpc(app: Any) -> None:
+    """gRPC's model metadata and inference say UNAVAILABLE (not INTERNAL) while no worker is known."""
+    grpc = pytest.importorskip("grpc")
+    from sponge.protocol import grpc_v2 as pb
+
+    service = app.state.grpc
+    port = await service.start("127.0.0.1", 0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb.Stub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await stub.ModelMetadata(pb.ModelMetadataRequest(name="trivial"))
+            assert exc.value.code() == grpc.StatusCode.UNAVAILABLE and "not available yet" in exc.value.details()
+            req = pb.ModelInferRequest(model_name="trivial")
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await stub.ModelInfer(req)
+            assert exc.value.code() == grpc.StatusCode.UNAVAILABLE and "not available yet" in exc.value.details()
+    finally:
+        await service.stop(0.5)
+
+
 def k8s_config(workers: Workers, **kw: Any) -> ServerConfig:
     base = dict(backend="kubernetes", namespace=NS, selector=SELECTOR, kube_context="fake", worker_port=workers.port,
                 model_name="trivial", cpu_m=500, min_cpu_m=100, max_cpu_m=3000, max_replicas=2, policy="static",
@@ -276,6 +297,7 @@ def test_kubernetes_backend_discovers_serves_resizes_scales_and_drops(cluster: F
             r = await client.post("/v2/models/trivial/infer", json=body(x))
             assert r.status_code == 503 and r.headers["Retry-After"] == "1"
             assert core.replicas == []
+            await no_worker_yet_over_grpc(app)
 
             # the Deployment appears: its pod is discovered, connected, serves
             cluster.add_deployment(DEPLOYMENT, 1, [container("500m")], {"app": "sponge-worker"})
