@@ -180,6 +180,21 @@ def test_backend_flags_and_defaults() -> None:
     assert ServerConfig.load(None, {}).backend == "local"
 
 
+def test_the_front_door_manifest_command_is_a_valid_sponge_serve() -> None:
+    """deploy/kubernetes/frontdoor.yaml's command parses and validates as `sponge serve` flags."""
+    yaml = pytest.importorskip("yaml")
+    from sponge.cli import build_parser
+
+    docs = list(yaml.safe_load_all((REPO / "deploy/kubernetes/frontdoor.yaml").read_text()))
+    dep = next(d for d in docs if d and d.get("kind") == "Deployment")
+    cmd = [a.replace("$(POD_NAMESPACE)", NS) for a in dep["spec"]["template"]["spec"]["containers"][0]["command"]]
+    assert cmd[:2] == ["sponge", "serve"]
+    args = build_parser().parse_args(cmd[1:])
+    cfg = ServerConfig.load(None, {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")})
+    assert (cfg.backend, cfg.namespace, cfg.selector, cfg.worker_deployment, cfg.worker_port) == (
+        "kubernetes", NS, SELECTOR, DEPLOYMENT, 9000)
+
+
 # ---- the pod actuator: never blocking, latest wish wins, in force as read --------------------------------
 
 
