@@ -90,6 +90,8 @@ class PodActuator:
         self._cv = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._rv: int | None = None  # the newest pod version seen
+        self._observing = threading.Lock()
         self.patches = 0  # PATCHes sent
 
     @property
@@ -120,8 +122,15 @@ class PodActuator:
             return self._asked if self._asked is not None else self._sent
 
     def observe(self, pod: dict[str, Any]) -> None:
-        """A pod object read elsewhere (the watcher's events): what is in force now."""
-        self._note(self.inner._observe(pod).in_force_m)
+        """A pod object read (the watcher's events, or the read after a PATCH): what is in force now. A read
+        older than one already seen (its resourceVersion lower: a GET racing the watch) is not taken."""
+        rv = _rv((pod.get("metadata") or {}).get("resourceVersion"))
+        with self._observing:  # the watcher's thread and the resize thread
+            if rv is not None and self._rv is not None and rv < self._rv:
+                return
+            if rv is not None:
+                self._rv = rv
+            self._note(self.inner._observe(pod).in_force_m)
 
     def _note(self, in_force: int | None) -> None:
         if in_force is None or in_force == self._in_force:
@@ -144,7 +153,7 @@ class PodActuator:
                 self.inner.apply(want)  # counted (requested / rejected / error) and logged by the actuator
                 self._sent = want
                 self.patches += 1
-                self._note(self.inner.refresh().in_force_m)  # read back at once (the kubelet may be quick)
+                self.observe(self.inner._read())  # read back at once (the kubelet may be quick)
             except ActuatorError as exc:
                 log.warning("%s", exc)
             except Exception:
@@ -157,6 +166,15 @@ class PodActuator:
 
     def __repr__(self) -> str:
         return f"PodActuator({self.pod}: {self._in_force} m in force)"
+
+
+def _rv(v: Any) -> int | None:
+    """A resourceVersion as a number to order reads by (etcd's revision); None if it is not one (then every
+    read is taken)."""
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return None
 
 
 class FixedPodActuator:
