@@ -238,7 +238,7 @@ def test_pod_actuator_ignores_a_read_older_than_one_seen() -> None:
     from sponge.scaling.kubernetes import resize_status
     from sponge.server.k8s_pool import PodActuator
 
-    def pod(rv: int, cpu: str) -> dict[str, Any]:
+    def make_pod(rv: int, cpu: str) -> dict[str, Any]:
         res = {"requests": {"cpu": cpu}, "limits": {"cpu": cpu}}
         return {"metadata": {"name": "w0", "resourceVersion": str(rv), "generation": 1},
                 "spec": {"containers": [{"name": "worker", "resources": res}]},
@@ -246,17 +246,17 @@ def test_pod_actuator_ignores_a_read_older_than_one_seen() -> None:
 
     class Inner:
         pod = "w0"
-        last = resize_status(pod(1, "500m"), "worker")
+        last = resize_status(make_pod(1, "500m"), "worker")
 
         def _observe(self, p: dict[str, Any]) -> Any:
             return resize_status(p, "worker")
 
     seen: list[int] = []
     act = PodActuator(Inner(), on_change=seen.append)
-    act.observe(pod(10, "1"))
-    act.observe(pod(7, "500m"))  # older: ignored
+    act.observe(make_pod(10, "1"))
+    act.observe(make_pod(7, "500m"))  # older: ignored
     assert act.current() == 1000 and seen == [1000]
-    act.observe(pod(11, "1500m"))
+    act.observe(make_pod(11, "1500m"))
     assert act.current() == 1500 and seen == [1000, 1500]
 
 
