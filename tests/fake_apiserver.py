@@ -32,6 +32,11 @@ Rules enforced as Kubernetes 1.33 enforces them (messages in the real Status sha
 
 Scaling a deployment creates or deletes its pods (named `<deployment>-<n>`); a new pod is Running and
 Ready after `cold_start_s`; a deleted one is first marked (`deletionTimestamp`, not ready), then gone.
+A deleted deployment pod is replaced, as its ReplicaSet does; `set_ready` flips a pod's readiness. The
+kubelet's resize conditions carry `observedGeneration` (the pod generation they judged), as 1.33 writes.
+Hooks for end-to-end tests: `pod_runner(name) -> podIP` starts a real process for each new deployment pod
+(the pod turns Ready once it returns, as after a readiness probe) and `pod_stopper(name)` is the kubelet's
+SIGTERM when a pod starts terminating (tests/test_kubernetes_backend.py runs a `sponge worker` per pod).
 Everything runs on loopback in threads; `FakeCluster` is a context manager that starts and stops it.
 """
 
