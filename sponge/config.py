@@ -128,7 +128,10 @@ class ServerConfig(BaseModel):
         if self.backend == "remote":
             if not self.workers or not self.workers.strip(",; "):
                 raise ValueError("workers: the remote backend needs --workers host:port[,host:port...]")
-            self.worker_addresses()  # each address well formed
+            n = len(self.worker_addresses())  # each address well formed
+            if "replicas" in self.model_fields_set and self.replicas != n:
+                raise ValueError(f"replicas: the remote backend runs one replica per --workers address ({n}), "
+                                 f"not {self.replicas}")
             if "policy" not in self.model_fields_set:  # their CPU is their hosts': nothing to move
                 self.policy = "static"
             if self.max_replicas is not None and self.max_replicas != self.replicas:

@@ -159,9 +159,12 @@ def sample(app: Any, name: str, **labels: str) -> float:
     ({"workers": "a:9000"}, "workers"),
     ({"namespace": NS}, "namespace"),
     ({"backend": "remote", "workers": "a:9000", "max_replicas": 3}, "max_replicas"),
+    ({"backend": "remote", "workers": "a:9000,b:9000", "replicas": 3}, "replicas"),
+    ({"backend": "kubernetes", "namespace": NS, "selector": SELECTOR, "replicas": 3, "max_replicas": 2},
+     "max_replicas"),
 ])
 def test_backend_config_errors_name_the_field(overrides: dict[str, Any], field: str) -> None:
-    with pytest.raises(ConfigError, match=f"{field}: "):
+    with pytest.raises(ConfigError, match=f"{field}[ :]"):
         ServerConfig.load(None, overrides)
 
 
