@@ -198,6 +198,37 @@ def test_the_front_door_manifest_command_is_a_valid_sponge_serve() -> None:
         "kubernetes", NS, SELECTOR, DEPLOYMENT, 9000)
 
 
+def test_remote_workers_cpu_follows_the_limit_they_report() -> None:
+    """--backend remote: a worker's reported CPU limit is its allocation in the bookkeeping and the bill."""
+    from sponge.scheduling.batcher import ExpiryPolicy
+    from sponge.server.core import ServingCore
+    from sponge.server.metrics import Metrics
+    from sponge.server.scaler import NullActuator, ReplicaScaler
+    from sponge.server.serve import follow_worker_limits
+
+    class Rep:
+        pid = None
+        threads = None
+        inputs: list = []
+
+        def __init__(self, name: str, limit: int | None) -> None:
+            self.name, self.worker_status = name, {"limit_m": limit}
+            self.on_start: Any = None
+
+        def set_threads(self, n: int) -> None:
+            self.threads = n
+
+    reps = [Rep("a:9000", 1500), Rep("b:9000", None)]
+    core = ServingCore("m", reps, 4, 64, ExpiryPolicy.REJECT, 0.0, Metrics(), 4000)  # type: ignore[arg-type]
+    scaler = ReplicaScaler(core, {r.name: NullActuator(4000) for r in reps}, 100, 4000)
+    follow_worker_limits(core, scaler, reps)
+    for r in reps:
+        r.on_start(r)  # what RemoteReplica.start calls once connected
+    assert core.cpu_m == {"a:9000": 1500, "b:9000": 4000}  # b reports no limit: the bookkeeping stays
+    assert scaler.actuators["a:9000"].current() == 1500 and reps[0].threads == 2
+    assert core.metrics.registry.get_sample_value("sponge_replica_cpu_millicores", {"replica": "a:9000"}) == 1500
+
+
 # ---- the pod actuator: never blocking, latest wish wins, in force as read --------------------------------
 
 

@@ -337,6 +337,23 @@ def make_remote_replicas(cfg: ServerConfig) -> list[RemoteReplica]:
     return [RemoteReplica(f"{h}:{p}" if ":" not in h else f"[{h}]:{p}", h, p) for h, p in cfg.worker_addresses()]
 
 
+def follow_worker_limits(core: ServingCore, scaler: ReplicaScaler, replicas: list[Any]) -> None:
+    """--backend remote: a worker reports the CPU limit it runs under (its container's quota; None when it has
+    none); when it does, that is the replica's allocation in the core's bookkeeping and bill (its host gives
+    it, nothing here moves it). Checked at every (re)connect."""
+    def on_start(replica: Any, attach: Any = scaler._attach) -> None:
+        limit = (getattr(replica, "worker_status", None) or {}).get("limit_m")
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            act = scaler.actuators.get(replica.name)
+            if act is not None:
+                act.apply(limit)  # NullActuator: bookkeeping
+            scaler.observed(replica.name, limit)
+        attach(replica)
+
+    for r in replicas:
+        r.on_start = on_start
+
+
 def make_k8s_pool(cfg: ServerConfig, core: ServingCore, scaler: ReplicaScaler, metrics: Metrics,
                   cpu_m: int) -> Any:
     """--backend kubernetes: the worker pods, discovered, resized and scaled through the API server."""
@@ -406,6 +423,8 @@ def build_app(cfg: ServerConfig) -> FastAPI:
         actuators = {}
         kind, why = "kubernetes", "worker pods resized in place through pods/resize (the kubelet applies it)"
     scaler = ReplicaScaler(core, actuators, cfg.min_cpu_m, max_cpu_m)
+    if cfg.backend == "remote":
+        follow_worker_limits(core, scaler, replicas)
     log.warning("CPU actuator: %s — %s", kind, why)
     pool: Any = None
     k8s_pool: Any = None
@@ -460,7 +479,7 @@ def build_app(cfg: ServerConfig) -> FastAPI:
                     log.warning("worker %s not reachable at start (%s): serving without it, reconnecting in the "
                                 "background", r.name, res)
         for r in replicas:
-            metrics.cpu.labels(r.name).set(cpu_m)
+            metrics.cpu.labels(r.name).set(core.cpu_m.get(r.name, cpu_m))
             if r.threads is not None:
                 metrics.threads.labels(r.name).set(r.threads)
         core._count_states()
