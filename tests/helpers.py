@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import selectors
+import subprocess
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -42,3 +44,21 @@ async def until(cond: Callable[[], bool], timeout_s: float = 10.0, what: str = "
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.002)
+
+
+def wait_listening(p: subprocess.Popen[str], timeout_s: float = 60.0) -> int:
+    """The port a `sponge worker` subprocess (stdout piped, text) prints as `listening PORT` once it serves;
+    RuntimeError if it exits or says nothing within `timeout_s` (a bound on a hang, not a timing check)."""
+    sel = selectors.DefaultSelector()
+    assert p.stdout is not None
+    sel.register(p.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if sel.select(0.2):
+            line = p.stdout.readline()
+            if line.startswith("listening "):
+                return int(line.split()[1])
+            if not line:
+                break
+    raise RuntimeError(f"worker did not start (exit code {p.poll()})")
+

@@ -19,7 +19,6 @@ import itertools
 import json
 import os
 import random
-import selectors
 import signal
 import subprocess
 import sys
@@ -35,6 +34,7 @@ import pytest
 kubernetes = pytest.importorskip("kubernetes", reason="the 'kubernetes' client is not installed (pip install -e '.[test]')")
 
 from fake_apiserver import FakeCluster  # noqa: E402
+from helpers import wait_listening  # noqa: E402
 
 from sponge.config import ConfigError, ServerConfig  # noqa: E402
 from sponge.models.trivial import trivial_model_path, trivial_weights  # noqa: E402
@@ -90,21 +90,6 @@ class Workers:
             if p.poll() is None:
                 os.kill(p.pid, signal.SIGKILL)
             p.wait(timeout=10)
-
-
-def wait_listening(p: subprocess.Popen[str], timeout_s: float = WAIT_S) -> int:
-    sel = selectors.DefaultSelector()
-    assert p.stdout is not None
-    sel.register(p.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if sel.select(0.2):
-            line = p.stdout.readline()
-            if line.startswith("listening "):
-                return int(line.split()[1])
-            if not line:
-                break
-    raise RuntimeError(f"worker did not start (exit code {p.poll()})")
 
 
 def container(cpu: str = "500m") -> dict[str, Any]:

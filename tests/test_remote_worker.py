@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator
 import numpy as np
 import pytest
 
+from helpers import wait_listening
 from sponge.models.trivial import trivial_model_path, trivial_weights
 from sponge.runtime import frames as fr
 from sponge.runtime.onnx_runtime import OnnxRuntime
@@ -590,23 +591,6 @@ def _start_worker(model: Path, host: str, port: int, *extra: str, prefix: tuple[
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
 
 
-def _wait_listening(p: subprocess.Popen[str], timeout_s: float = 60.0) -> int:
-    import selectors
-
-    sel = selectors.DefaultSelector()
-    assert p.stdout is not None
-    sel.register(p.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if sel.select(0.2):
-            line = p.stdout.readline()
-            if line.startswith("listening "):
-                return int(line.split()[1])
-            if not line:
-                break
-    raise AssertionError(f"worker did not start (exit code {p.poll()})")
-
-
 def _kill(p: subprocess.Popen[str]) -> None:
     if p.poll() is None:
         os.kill(p.pid, signal.SIGKILL)
@@ -620,7 +604,7 @@ def test_worker_process_follows_a_v1_quota_written_from_outside(model: Path, v1_
     p = _start_worker(model, "127.0.0.1", 0, "--max-threads", "2", "--limit-poll-ms", "20")
     try:
         (v1_group / "cgroup.procs").write_text(str(p.pid))  # every thread of it
-        port = _wait_listening(p)
+        port = wait_listening(p)
 
         async def main() -> None:
             rep = RemoteReplica("r0", "127.0.0.1", port)
@@ -769,7 +753,7 @@ def test_netns_worker_killed_mid_batch_and_link_cut(heavy_model: Path, netns3: N
     refs = [local.infer({"x": x})["y"] for x in xs]
     try:
         for p in procs:
-            assert _wait_listening(p) == 9000
+            assert wait_listening(p) == 9000
 
         async def main() -> None:
             reps = [RemoteReplica(f"w{i}", net.addr[i], 9000, ping_interval_s=0.2, ping_timeout_s=0.6,

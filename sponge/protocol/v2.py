@@ -383,10 +383,7 @@ def decode_request(body: bytes, header_length: int | None, limits: Limits,
         raise ValueError("decode_request needs the model's input specs and max_batch")
     req = parse_infer_request(body, header_length, limits)
     items = check_inputs(req.inputs, limits.specs, limits.max_batch)
-    out_names = {s.name for s in outputs}
-    for o in req.outputs:
-        if o.name not in out_names:
-            raise ProtocolError(f"output '{o.name}' is not an output of this model (expected {sorted(out_names)})")
+    check_outputs(req, outputs)
     return req, items
 
 
@@ -439,3 +436,12 @@ def encode_infer_response(
         "content-type": "application/octet-stream",
         "inference-header-content-length": str(len(header)),
     }
+
+
+def check_outputs(req: Any, outputs: Sequence[TensorSpec]) -> None:
+    """Every requested output is one of the model's (400 naming it otherwise); HTTP and gRPC alike."""
+    out_names = {s.name for s in outputs}
+    for o in req.outputs:
+        if o.name not in out_names:
+            raise ProtocolError(f"output '{o.name}' is not an output of this model (expected {sorted(out_names)})")
+

@@ -28,6 +28,7 @@ from sponge.protocol.v2 import (
     _encode_bytes_elements,
     _shape,
     check_inputs,
+    check_outputs,
     v2_datatype,
 )
 from sponge.runtime.base import TensorSpec
@@ -186,10 +187,7 @@ def decode_model_infer(body: bytes, limits: Limits, outputs: Sequence[TensorSpec
     check_model(msg.model_name, msg.model_version, model_name, versions)
     req = parse_model_infer(msg, limits)
     items = check_inputs(req.inputs, limits.specs, limits.max_batch)
-    out_names = {s.name for s in outputs}
-    for o in req.outputs:
-        if o.name not in out_names:
-            raise ProtocolError(f"output '{o.name}' is not an output of this model (expected {sorted(out_names)})")
+    check_outputs(req, outputs)
     return req, items
 
 
