@@ -343,7 +343,9 @@ def test_a_draining_worker_answers_its_batch_in_flight_and_takes_no_new_ones(run
         assert await _until(lambda: _true(not rep.ready), 2)  # told by a PONG, before the batch ends
         assert not batch.done()
         np.testing.assert_allclose((await batch).outputs["y"], expected(x), rtol=1e-5, atol=1e-5)
-        with pytest.raises(WorkerUnreachable, match="draining"):
+        # a new connection is refused work: told "draining" while the worker still listens, refused once
+        # its notice period is over (which comes first depends on how busy the host is)
+        with pytest.raises(WorkerUnreachable, match="draining|cannot connect"):
             await RemoteReplica("r1", "127.0.0.1", srv.port).start()
         await closing
         assert await _until(lambda: _true(rep._conn is None), 2)  # then the worker closed the connection
