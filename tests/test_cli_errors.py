@@ -69,3 +69,32 @@ def test_classify_without_a_server_is_one_line():
     out = run_cli("classify", "sample:chelsea", "--url", url)
     assert out.returncode == 1
     assert one_line_error(out) == f"sponge: error: cannot reach {url}: connection refused"
+
+
+
+def test_the_default_grpc_port_taken_turns_grpc_off_but_an_asked_for_one_is_an_error(caplog, monkeypatch):
+    """8001 held by something else (another Triton, a second Sponge) must not stop `sponge serve` with its
+    defaults: it serves HTTP only and says so. A gRPC port the user asked for stays a one-line error."""
+    import pytest
+
+    from sponge.config import ServerConfig
+    from sponge.server import serve
+    from sponge.server.serve import StartupError, grpc_port_to_use
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        real_check = serve.check_port_free
+        # the default port (8001) is looked up as the port held here, whatever holds 8001 on this machine
+        monkeypatch.setattr(serve, "check_port_free", lambda host, port, *a: real_check(
+            host, taken if port == 8001 else port, *a))
+        default = ServerConfig.load(None, {"host": "127.0.0.1"})
+        assert default.grpc_port == 8001 and "grpc_port" not in default.model_fields_set
+        with caplog.at_level("WARNING"):
+            assert grpc_port_to_use(default).grpc_port == 0
+        assert f"gRPC port {taken} on 127.0.0.1 is in use" in caplog.text and "serving HTTP only" in caplog.text
+        asked = ServerConfig.load(None, {"host": "127.0.0.1", "grpc_port": taken})
+        with pytest.raises(StartupError, match=f"gRPC port {taken} on 127.0.0.1 is in use"):
+            grpc_port_to_use(asked)
+    assert grpc_port_to_use(asked).grpc_port == taken  # free again: used as asked

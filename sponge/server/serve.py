@@ -539,15 +539,30 @@ def build_app(cfg: ServerConfig) -> FastAPI:
     return app
 
 
+def grpc_port_to_use(cfg: ServerConfig) -> ServerConfig:
+    """A gRPC port asked for (flag, env, file) must be free: StartupError naming it otherwise. The default
+    8001 taken by something else (another Triton, a second Sponge) only turns gRPC off, with a warning:
+    the HTTP server, which the user did ask for, still starts."""
+    if not cfg.grpc_port:
+        return cfg
+    if cfg.grpc_port == cfg.port:
+        raise StartupError(f"--grpc-port {cfg.grpc_port} is also the HTTP --port{GRPC_PORT_HINT}")
+    try:
+        check_port_free(cfg.host, cfg.grpc_port, "gRPC ", GRPC_PORT_HINT)
+    except StartupError as exc:
+        if "grpc_port" in cfg.model_fields_set:
+            raise
+        log.warning("%s: serving HTTP only", exc)
+        return cfg.model_copy(update={"grpc_port": 0})
+    return cfg
+
+
 def run(cfg: ServerConfig) -> None:
     import uvicorn
 
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     check_port_free(cfg.host, cfg.port)  # before anything is spawned: a taken port is one line, not a crash
-    if cfg.grpc_port:
-        if cfg.grpc_port == cfg.port:
-            raise StartupError(f"--grpc-port {cfg.grpc_port} is also the HTTP --port{GRPC_PORT_HINT}")
-        check_port_free(cfg.host, cfg.grpc_port, "gRPC ", GRPC_PORT_HINT)
+    cfg = grpc_port_to_use(cfg)
     app = build_app(cfg)
     grpc_service: GrpcService = app.state.grpc
     failed: list[str] = []
