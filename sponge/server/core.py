@@ -174,8 +174,7 @@ class ServingCore:
         self.cold_start_s: deque[float] = deque(maxlen=64)  # measured cold starts (process, model, warm-up)
         self.on_replica_gone: Callable[[Replica], None] | None = None  # removed/failed: release its actuator
         self.on_replica_ready: Callable[[Replica], None] | None = None
-        self._spec: Replica | None = None  # a replica whose model metadata (inputs, outputs) is known
-        self._last_spec: Replica | None = None  # the last such one (kept when every replica is gone)
+        self._spec: Replica | None = None  # a replica whose model metadata is known (kept once it is gone)
         self._restarting: dict[str, asyncio.Task[None]] = {}  # replica -> its reconnect/restart in progress
         metrics.configured_batch.labels(model_name).set(batch)
         self._count_states()
@@ -351,11 +350,9 @@ class ServingCore:
         """A replica whose model metadata is known (any: they serve one model), for validation; the last one
         known once every replica is gone (the model does not change); None while none was ever started
         (e.g. no worker discovered yet: the front door answers 503)."""
-        if self._spec is None or not self._spec.inputs or self._spec not in self.replicas:
-            self._spec = next((r for r in self.replicas if r.inputs), None) or self._last_spec
-        if self._spec is not None and self._spec.inputs:
-            self._last_spec = self._spec
-        return self._spec
+        if self._spec is None or self._spec not in self.replicas:
+            self._spec = next((r for r in self.replicas if r.inputs), None) or self._spec
+        return self._spec if self._spec is not None and self._spec.inputs else None
 
     def serving(self) -> list[Replica]:
         """Replicas that take new work: ready and not draining."""
@@ -446,6 +443,18 @@ class ServingCore:
         self.version += 1
         self._wakeup.set()  # its dispatch loop sees the drain at once when idle
 
+    def undrain(self, name: str) -> bool:
+        """Take back a draining replica whose dispatch loop still runs (its batch in flight): it is warm, so
+        scaling out again uses it before starting a new one. False when it is not draining or already done."""
+        task = self._dispatch.get(name)
+        if self.state.get(name) != DRAINING or task is None or task.done():
+            return False
+        self.state[name] = READY
+        self._count_states()
+        self.version += 1
+        self._wakeup.set()
+        return True
+
     async def _retire(self, replica: Replica) -> None:
         """After its dispatch loop ended on a drain: stop the process, forget the replica."""
         await self._stop_replica(replica)
@@ -458,8 +467,6 @@ class ServingCore:
         for d in (self.state, self.cpu_m, self._busy_until, self._overdue_at, self.running, self._dispatch):
             d.pop(replica.name, None)
         self.probing.discard(replica.name)
-        if self._spec is replica:
-            self._spec = None
         self._count_states()
         self.version += 1
         if self.on_replica_gone is not None:
@@ -492,6 +499,7 @@ class ServingCore:
 
     # ---- dispatch ---------------------------------------------------------------------------
     def start(self) -> None:
+        self._count_states()  # the first replicas started (lifespan): the gauges say so
         for r in self.replicas:
             self._start_dispatch(r)
         self._tasks.append(asyncio.create_task(self._deadline_timer(), name="deadline-timer"))

@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 from sponge.runtime.remote import RemoteReplica, WorkerUnreachable
 from sponge.scaling.base import ActuatorError
-from sponge.server.core import DRAINING, READY, STARTING, ServingCore
+from sponge.server.core import DRAINING, STARTING, ServingCore
 from sponge.server.pool import warm_up
 from sponge.server.scaler import ReplicaScaler
 
@@ -356,17 +356,14 @@ class KubernetesPool:
 
     def _add(self, pod: Any, act: Any) -> None:
         core, name = self.core, pod.name
-        if self._closed or core._closing:
+        if self._closed or core.closing:
             act.close()
             return
         self._gone.discard(name)
         existing = self._replica(name)
         if existing is not None:  # Ready again before its drain ended: take it back (it is warm)
             act.close()
-            task = core._dispatch.get(name)
-            if core.state.get(name) == DRAINING and task is not None and not task.done():
-                core.state[name] = READY
-                core._count_states()
+            if core.undrain(name):
                 own = self.scaler.actuators.get(name)
                 if own is not None:  # its events are followed again
                     self._acts[name] = own

@@ -73,13 +73,10 @@ class ReplicaPool:
     def _undrain(self, k: int) -> int:
         """Take back up to k draining replicas whose dispatch loop still runs (their batch in flight)."""
         back = 0
-        for r in reversed(self.core.replicas):
+        for r in reversed(list(self.core.replicas)):
             if back == k:
                 break
-            task = self.core._dispatch.get(r.name)
-            if self.core.state.get(r.name) == DRAINING and task is not None and not task.done():
-                self.core.state[r.name] = READY
-                self.core._count_states()
+            if self.core.undrain(r.name):
                 back += 1
                 log.info("replica %s: drain cancelled (scaled out again while it finished its batch)", r.name)
         return back
@@ -99,10 +96,11 @@ class ReplicaPool:
         victims = sorted((r for r in self.core.replicas if self.core.state.get(r.name) in order),
                          key=lambda r: (order[self.core.state[r.name]], -int(r.name[1:]) if r.name[1:].isdigit() else 0))
         for r in victims[:k]:
+            was = self.core.state[r.name]
             try:
                 self.core.remove_replica(r.name)
             except ValueError:  # the last serving replica stays
                 break
             self.removed += 1
-            log.info("replica %s removed (%s)", r.name, "cold start cancelled" if r.name in self.core._cold_starts
-                     else "draining its batch in flight")
+            log.info("replica %s removed (%s)", r.name,
+                     "cold start cancelled" if was == STARTING else "draining its batch in flight")

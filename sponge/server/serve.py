@@ -482,7 +482,6 @@ def build_app(cfg: ServerConfig) -> FastAPI:
             metrics.cpu.labels(r.name).set(core.cpu_m.get(r.name, cpu_m))
             if r.threads is not None:
                 metrics.threads.labels(r.name).set(r.threads)
-        core._count_states()
         core.start()
         log.info("froze %d startup objects out of the garbage collector's scans", freeze_startup_objects())
         if k8s_pool is not None:
