@@ -179,6 +179,20 @@ def with_cpu(fn, *args):
 ONLY: str | None = None  # --only: the one model to run
 
 
+def saturate(row: dict, prefix: str, door: str, own_rps: float, seconds: float, load) -> None:
+    """Closed loops at concurrency 1, 16 and 64 through one front door (`load(conc)` -> (latencies, errors)):
+    throughput, its share of the runtime's best and the load client's own CPU, into `row` under `prefix`."""
+    for conc in (1, 16, 64):
+        (lat, errors), cpu_s, wall_s = with_cpu(asyncio.run, load(conc))
+        rps = len(lat) / seconds
+        row[f"{prefix}rps_c{conc}"] = rps
+        row[f"{prefix}rps_ratio_c{conc}"] = rps / own_rps
+        row[f"{prefix}errors_c{conc}"] = errors
+        row[f"{prefix}client_cores_c{conc}"] = cpu_s / wall_s
+        print(f"{door} concurrency {conc:3d}: {rps:8.0f} req/s ({rps / own_rps:.0%} of runtime), "
+              f"p50 {pct(lat, 50):.2f} ms, errors {errors}, client CPU {cpu_s / wall_s:.2f} cores", flush=True)
+
+
 def run_model(label: str, model_path: Path, name: str, input_name: str, make, dtype: str, n_serial: int,
               seconds: float, cores: int) -> dict | None:
     if ONLY is not None and label != ONLY:
@@ -206,16 +220,8 @@ def run_model(label: str, model_path: Path, name: str, input_name: str, make, dt
                "added_vs_replica_runtime_p50_ms": pct(around, 50),
                "added_vs_replica_runtime_p99_ms": pct(around, 99), "runtime_best_rps": own_rps,
                "runtime_best_batch": own_b}
-        for conc in (1, 16, 64):
-            (lat, errors), cpu_s, wall_s = with_cpu(asyncio.run, closed_loop(
-                "127.0.0.1", srv.port, path, body, headers, conc, seconds, max_requests=200_000))
-            rps = len(lat) / seconds
-            row[f"rps_c{conc}"] = rps
-            row[f"rps_ratio_c{conc}"] = rps / own_rps
-            row[f"errors_c{conc}"] = errors
-            row[f"client_cores_c{conc}"] = cpu_s / wall_s
-            print(f"HTTP binary concurrency {conc:3d}: {rps:8.0f} req/s ({rps / own_rps:.0%} of runtime), "
-                  f"p50 {pct(lat, 50):.2f} ms, errors {errors}, client CPU {cpu_s / wall_s:.2f} cores", flush=True)
+        saturate(row, "", "HTTP binary", own_rps, seconds, lambda conc: closed_loop(
+            "127.0.0.1", srv.port, path, body, headers, conc, seconds, max_requests=200_000))
         assert srv.grpc_url is not None
         gbody = grpc_body(input_name, one, dtype, name)
         client_ms, in_server, around = asyncio.run(grpc_serial_latency(srv.grpc_url, gbody, n_serial))
@@ -223,16 +229,8 @@ def run_model(label: str, model_path: Path, name: str, input_name: str, make, dt
                     "grpc_in_server_overhead_p50_ms": pct(in_server, 50),
                     "grpc_added_vs_replica_runtime_p50_ms": pct(around, 50),
                     "grpc_added_vs_replica_runtime_p99_ms": pct(around, 99)})
-        for conc in (1, 16, 64):
-            (lat, errors), cpu_s, wall_s = with_cpu(asyncio.run, grpc_closed_loop(
-                srv.grpc_url, gbody, conc, seconds, max_requests=200_000))
-            rps = len(lat) / seconds
-            row[f"grpc_rps_c{conc}"] = rps
-            row[f"grpc_rps_ratio_c{conc}"] = rps / own_rps
-            row[f"grpc_errors_c{conc}"] = errors
-            row[f"grpc_client_cores_c{conc}"] = cpu_s / wall_s
-            print(f"gRPC raw    concurrency {conc:3d}: {rps:8.0f} req/s ({rps / own_rps:.0%} of runtime), "
-                  f"p50 {pct(lat, 50):.2f} ms, errors {errors}, client CPU {cpu_s / wall_s:.2f} cores", flush=True)
+        saturate(row, "grpc_", "gRPC raw   ", own_rps, seconds, lambda conc: grpc_closed_loop(
+            srv.grpc_url, gbody, conc, seconds, max_requests=200_000))
         jbody, jheaders = json_body(input_name, one, dtype)
         for fmt, conc, (b, h) in (("binary", 1, (body, headers)), ("binary", 16, (body, headers)),
                                   ("json", 16, (jbody, jheaders)), ("json", 64, (jbody, jheaders))):
